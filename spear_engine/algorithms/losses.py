@@ -1,0 +1,526 @@
+"""Policy losses (registry by name), loss aggregation, KL penalties, entropy and the actor loss.
+
+verl 0.9.1 compatible: the functions below have verl's names, arguments, shapes (``[B, T]`` with
+``response_mask``) and results, so a verl user can swap them in (spec section 3). The losses take
+``config``: any object with the attributes verl reads (``clip_ratio``, ``clip_ratio_low``,
+``clip_ratio_high``, ``clip_ratio_c``, ``policy_loss.*``, ``global_batch_info``) - a dataclass,
+``SimpleNamespace``, pydantic model or OmegaConf ``DictConfig``.
+
+SPEAR additions (not in verl 0.9): :func:`replay_loss_config` (the official ``is_replay=True``
+switch, expressed as a config view), :func:`legacy_global_batch_info` (the aggregation of the older
+verl the official SPEAR code runs on) and :func:`actor_loss` (spec 3.6).
+
+Deliberate differences from verl 0.9, none of which changes a result for finite inputs:
+* invalid hyper-parameters raise ``ValueError`` instead of failing an ``assert``;
+* ``agg_loss`` ignores NaN/inf at masked positions in every mode (verl only in the token modes);
+* ``compute_policy_loss_gpg`` accepts ``config=None`` (no extra aggregation kwargs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from spear_engine.algorithms.token_ops import entropy_from_logits, masked_mean, masked_sum
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+
+POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
+"""Registered policy losses by name: vanilla, clip_cov, kl_cov, gpg (spec 3)."""
+
+LOSS_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "seq-mean-token-mean",
+)
+
+LOG_RATIO_CLAMP = 20.0
+"""|log pi - log pi_old| is clamped to this before exp in the vanilla loss (verl; spec 3.1)."""
+
+# Official fallbacks when a *_replay constant is null (A:core_algos clip_cov / kl_cov, is_replay=True).
+REPLAY_CLIP_COV_RATIO_FALLBACK = 0.002
+REPLAY_CLIP_COV_LB_FALLBACK = 1.0
+REPLAY_CLIP_COV_UB_FALLBACK = 40.0
+REPLAY_KL_COV_RATIO_FALLBACK = 0.8
+
+# verl's fallbacks when an on-policy constant is null (spec 3.3, 3.4).
+CLIP_COV_RATIO_FALLBACK = 0.0002
+CLIP_COV_LB_FALLBACK = 1.0
+CLIP_COV_UB_FALLBACK = 5.0
+KL_COV_RATIO_FALLBACK = 0.0002
+PPO_KL_COEF_FALLBACK = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: register a policy loss under ``name`` (a later registration replaces it, as verl)."""
+
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSS_REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_policy_loss_fn(name: str) -> PolicyLossFn:
+    """The policy loss registered as ``name``; ValueError listing the registered names otherwise."""
+    if name not in POLICY_LOSS_REGISTRY:
+        raise ValueError(
+            f"Unsupported loss mode: {name!r}. Supported modes are: {list(POLICY_LOSS_REGISTRY)}"
+        )
+    return POLICY_LOSS_REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------
+# config access (any object with attributes, optionally with .get)
+# --------------------------------------------------------------------------------------------
+def _attr(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _or(value: Any, fallback: Any) -> Any:
+    return fallback if value is None else value
+
+
+def _clip_ranges(config: Any) -> tuple[float, float]:
+    """(eps_low, eps_high): ``clip_ratio_low/high``, each falling back to ``clip_ratio`` when null."""
+    clip_ratio = _attr(config, "clip_ratio")
+    low = _or(_attr(config, "clip_ratio_low"), clip_ratio)
+    high = _or(_attr(config, "clip_ratio_high"), clip_ratio)
+    if low is None or high is None:
+        raise ValueError("config needs clip_ratio (or both clip_ratio_low and clip_ratio_high)")
+    return low, high
+
+
+def _clip_ratio_c(config: Any) -> float:
+    """Dual-clip constant: ``config.get("clip_ratio_c", 3.0)`` when the config has ``.get`` (verl)."""
+    getter = getattr(config, "get", None)
+    value = getter("clip_ratio_c", 3.0) if callable(getter) else getattr(config, "clip_ratio_c", 3.0)
+    if value is None or not value > 1.0:
+        raise ValueError(f"clip_ratio_c (dual-clip lower bound) must be > 1.0, got {value}")
+    return value
+
+
+def _policy_loss_cfg(config: Any) -> Any:
+    if config is None:
+        raise ValueError("this policy loss needs a config")
+    section = _attr(config, "policy_loss")
+    if section is None:
+        raise ValueError("config.policy_loss is required by clip_cov / kl_cov")
+    return section
+
+
+def _batch_info(config: Any) -> dict[str, Any]:
+    """``config.global_batch_info`` as agg_loss kwargs; missing or null means {}."""
+    if config is None:
+        return {}
+    return dict(_attr(config, "global_batch_info") or {})
+
+
+class ConfigView:
+    """Read-only view of ``base`` with some attributes replaced (``.get`` and attribute access)."""
+
+    def __init__(self, base: Any, overrides: Mapping[str, Any]):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", dict(overrides))
+
+    def __getattr__(self, name: str) -> Any:
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        base = object.__getattribute__(self, "_base")
+        if isinstance(base, Mapping):
+            if name in base:
+                return base[name]
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self._overrides:
+            return self._overrides[name]
+        getter = getattr(self._base, "get", None)
+        if callable(getter):
+            return getter(name, default)
+        return getattr(self._base, name, default)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a replay config view is read-only")
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._base!r}, overrides={self._overrides!r})"
+
+
+def config_view(config: Any, **overrides: Any) -> ConfigView:
+    """A read-only view of ``config`` with some attributes replaced, e.g. the per-micro-batch
+    ``global_batch_info`` a trainer passes to the loss functions (verl mutates its config instead)."""
+    return ConfigView(config, overrides)
+
+
+def replay_loss_config(config: Any) -> Any:
+    """The config the official code's ``is_replay=True`` branch reads, as a view of ``config``.
+
+    ``policy_loss.clip_cov_ratio/lb/ub`` and ``policy_loss.kl_cov_ratio`` become the ``*_replay``
+    values, each falling back (when null or absent) to the official replay defaults 0.002 / 1.0 /
+    40.0 and 0.8 (spec 3.3-3.4). Everything else, ``ppo_kl_coef`` included, reads through to
+    ``config``. Pass the view as ``config`` to any policy loss; verl's signatures stay unchanged.
+    """
+    section = _policy_loss_cfg(config)
+    replay = {
+        "clip_cov_ratio": _or(_attr(section, "clip_cov_ratio_replay"), REPLAY_CLIP_COV_RATIO_FALLBACK),
+        "clip_cov_lb": _or(_attr(section, "clip_cov_lb_replay"), REPLAY_CLIP_COV_LB_FALLBACK),
+        "clip_cov_ub": _or(_attr(section, "clip_cov_ub_replay"), REPLAY_CLIP_COV_UB_FALLBACK),
+        "kl_cov_ratio": _or(_attr(section, "kl_cov_ratio_replay"), REPLAY_KL_COV_RATIO_FALLBACK),
+    }
+    return ConfigView(config, {"policy_loss": ConfigView(section, replay)})
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation
+# --------------------------------------------------------------------------------------------
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: int | torch.Tensor | None = None,
+    global_batch_size: int | torch.Tensor | None = None,
+    loss_scale_factor: float | None = None,
+) -> torch.Tensor:
+    """Reduce a ``[B, T]`` token-loss matrix to a scalar (verl 0.9 ``agg_loss``, spec 3.5).
+
+    Modes (``m`` = mask, ``S_i = sum_k l_ik m_ik``, ``b`` = rows with a non-empty mask):
+
+    * ``token-mean``: ``sum l m / N * dp`` with ``N = batch_num_tokens`` (default ``sum m``; an
+      all-empty mask then gives NaN, as verl 0.9).
+    * ``token-sum``: ``sum l m * dp``.
+    * ``seq-mean-token-sum``: ``sum_i S_i / G * dp`` with ``G = global_batch_size`` (default ``b``).
+    * ``seq-mean-token-sum-norm`` (Dr.GRPO): the same divided by ``loss_scale_factor``
+      (default ``T``, the mask width).
+    * ``seq-mean-token-mean``: ``sum_i [S_i / (sum_k m_ik + 1e-8)] / G * dp``.
+
+    ``dp_size > 1`` requires the global ``batch_num_tokens`` / ``global_batch_size``.
+
+    The official SPEAR code runs an older verl whose ``seq-mean-token-sum-norm`` is ``sum l m / T``
+    *without* dividing by the number of sequences: that is ``global_batch_size=1`` here. See
+    :func:`legacy_global_batch_info` for every mode.
+    """
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("token-mean with dp_size > 1 needs the global batch_num_tokens")
+            batch_num_tokens = loss_mask.sum()
+        return masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
+    if loss_agg_mode == "token-sum":
+        return masked_sum(loss_mat, loss_mask) * dp_size
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        tokens_per_row = loss_mask.sum(dim=-1)
+        row_sums = masked_sum(loss_mat, loss_mask, axis=-1)
+        if loss_agg_mode == "seq-mean-token-mean":
+            row_sums = row_sums / (tokens_per_row + 1e-8)
+        nonempty = (tokens_per_row > 0).float()
+        if global_batch_size is None:
+            if dp_size > 1:
+                raise ValueError(f"{loss_agg_mode} with dp_size > 1 needs the global_batch_size")
+            global_batch_size = nonempty.sum()
+        loss = masked_sum(row_sums, nonempty) / global_batch_size * dp_size
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        return loss
+    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; expected one of {list(LOSS_AGG_MODES)}")
+
+
+def legacy_global_batch_info(loss_agg_mode: str, response_mask: torch.Tensor) -> dict[str, Any]:
+    """``agg_loss`` kwargs that reproduce the older verl of the official SPEAR code (spec 3.5).
+
+    That ``agg_loss`` took no batch info: ``token-mean`` = ``sum l m / (sum m + 1e-8)``;
+    ``seq-mean-token-sum`` = mean over all ``B`` rows; ``seq-mean-token-sum-norm`` = ``sum l m / T``
+    (not divided by the number of rows); ``seq-mean-token-mean`` = mean over all rows of
+    ``S_i / sum_k m_ik``. The returned kwargs give the same value for every mask, except that an
+    empty row in ``seq-mean-token-mean`` made the old value NaN and here counts as 0.
+    """
+    rows = response_mask.shape[0]
+    if loss_agg_mode == "token-mean":
+        return {"batch_num_tokens": response_mask.sum() + 1e-8}
+    if loss_agg_mode == "token-sum":
+        return {}
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return {"global_batch_size": rows}
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return {"global_batch_size": 1}
+    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; expected one of {list(LOSS_AGG_MODES)}")
+
+
+def _aggregate(
+    loss_mat: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str,
+    config: Any,
+    rollout_is_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    if rollout_is_weights is not None:
+        loss_mat = loss_mat * rollout_is_weights
+    return agg_loss(loss_mat, response_mask, loss_agg_mode, **_batch_info(config))
+
+
+# --------------------------------------------------------------------------------------------
+# policy losses
+# --------------------------------------------------------------------------------------------
+@register_policy_loss("vanilla")
+def compute_policy_loss_vanilla(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """PPO clip with clip-higher (eps_low, eps_high) and dual-clip for A < 0 (spec 3.1).
+
+    ``delta = clamp(logp - logp_old, +-20)``, ``r = e^delta``; ``l = max(-A r, -A clip(r, 1-eps_l,
+    1+eps_h))``, and for ``A < 0`` additionally ``min(l, -A c)``, ``c = clip_ratio_c``.
+    Metrics: ``actor/pg_clipfrac`` (clipped branch strictly larger), ``actor/ppo_kl`` (mean of
+    -delta), ``actor/pg_clipfrac_lower`` (dual clip active).
+    """
+    if config is None:
+        raise ValueError("compute_policy_loss_vanilla needs a config (clip_ratio*)")
+    eps_low, eps_high = _clip_ranges(config)
+    clip_c = _clip_ratio_c(config)
+
+    log_ratio = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    ppo_term = torch.maximum(unclipped, clipped)
+    dual_bound = -advantages * clip_c
+    negative = advantages < 0
+    pg_losses = torch.where(negative, torch.minimum(dual_bound, ppo_term), ppo_term)
+
+    metrics = {
+        "actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), response_mask).item(),
+        "actor/ppo_kl": masked_mean(-log_ratio, response_mask).detach().item(),
+        "actor/pg_clipfrac_lower": masked_mean(
+            ((ppo_term > dual_bound) & negative).float(), response_mask
+        ).item(),
+    }
+    return _aggregate(pg_losses, response_mask, loss_agg_mode, config, rollout_is_weights), metrics
+
+
+def _clip_cov_detach_mask(
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    ppo_clipped: torch.Tensor,
+    ratio: float,
+    lower: float,
+    upper: float,
+) -> torch.Tensor:
+    """1 on tokens kept, 0 on the tokens Clip-Cov detaches (same dtype as ``advantages``).
+
+    Candidates: valid, not already PPO-clipped, ``lower < cov < upper`` with cov = (A - mean A)
+    (logp - mean logp) over the valid tokens. ``max(floor(ratio * N_valid), 1)`` of them are drawn
+    uniformly without replacement with one ``torch.randperm`` on the global CPU generator - the same
+    draw verl makes, so seeded runs select the same tokens.
+    """
+    valid = response_mask > 0
+    with torch.no_grad():
+        logp = log_prob.detach()
+        cov = (advantages - masked_mean(advantages, response_mask)) * (
+            logp - masked_mean(logp, response_mask)
+        )
+        candidates = (cov > lower) & (cov < upper) & valid & ~ppo_clipped
+    budget = max(int(ratio * response_mask.sum().item()), 1)
+    positions = torch.nonzero(candidates)
+    keep = torch.ones_like(advantages)
+    if len(positions) > 0:
+        order = torch.randperm(len(positions))
+        chosen = positions[order[: min(budget, len(positions))]]
+        keep[chosen[:, 0], chosen[:, 1]] = 0
+    return keep
+
+
+@register_policy_loss("clip_cov")
+def compute_policy_loss_clip_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Clip-Cov (spec 3.3): PPO clip (no delta clamp, no dual clip), plus a random few tokens of
+    high advantage/log-prob covariance get zero loss and zero gradient (they stay in the mask).
+
+    Constants: ``policy_loss.clip_cov_ratio`` (null -> 2e-4), ``clip_cov_lb`` (1.0), ``clip_cov_ub``
+    (5.0). For replay rows pass ``replay_loss_config(config)``. Metrics: ``actor/pg_clipfrac``
+    (fraction of valid tokens detached), ``actor/ppo_kl``.
+    """
+    section = _policy_loss_cfg(config)
+    ratio_c = _or(_attr(section, "clip_cov_ratio"), CLIP_COV_RATIO_FALLBACK)
+    lower = _or(_attr(section, "clip_cov_lb"), CLIP_COV_LB_FALLBACK)
+    upper = _or(_attr(section, "clip_cov_ub"), CLIP_COV_UB_FALLBACK)
+    if not ratio_c > 0:
+        raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio_c}")
+    eps_low, eps_high = _clip_ranges(config)
+
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    ppo_clipped = clipped > unclipped
+    keep = _clip_cov_detach_mask(log_prob, advantages, response_mask, ppo_clipped, ratio_c, lower, upper)
+    pg_losses = torch.maximum(unclipped, clipped) * keep
+
+    metrics = {
+        "actor/pg_clipfrac": masked_mean((keep == 0).float(), response_mask).item(),
+        "actor/ppo_kl": masked_mean(-log_ratio, response_mask).detach().item(),
+    }
+    return _aggregate(pg_losses, response_mask, loss_agg_mode, config, rollout_is_weights), metrics
+
+
+def _kl_cov_select(
+    log_prob: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, ratio: float
+):
+    """Bool ``[B, T]``: the ``max(1, floor(ratio * N_valid))`` valid tokens of largest covariance
+    (A - mean A)(logp - mean logp), means over the valid tokens; computed on CPU as verl does."""
+    valid = response_mask > 0
+    selected = torch.zeros(valid.numel(), dtype=torch.bool)
+    flat_valid = torch.nonzero(valid.reshape(-1).cpu(), as_tuple=True)[0]
+    if flat_valid.numel() > 0:
+        adv = advantages[valid].detach().reshape(-1).cpu()
+        logp = log_prob[valid].detach().reshape(-1).cpu()
+        cov = (adv - adv.mean()) * (logp - logp.mean())
+        count = max(1, int(len(cov) * ratio))
+        top = torch.topk(cov, count, largest=True).indices
+        selected[flat_valid[top]] = True
+    return selected.reshape(valid.shape).to(valid.device)
+
+
+@register_policy_loss("kl_cov")
+def compute_policy_loss_kl_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """KL-Cov (spec 3.4): ``-A r`` with no clipping; the top ``kl_cov_ratio`` fraction of valid
+    tokens by covariance add ``beta |logp - logp_old|``, ``beta = policy_loss.ppo_kl_coef``.
+
+    Constants: ``kl_cov_ratio`` (null -> 2e-4), ``ppo_kl_coef`` (null -> 1.0). Metric
+    ``actor/ppo_kl`` is the masked mean of ``|delta|``.
+    """
+    section = _policy_loss_cfg(config)
+    ratio_k = _or(_attr(section, "kl_cov_ratio"), KL_COV_RATIO_FALLBACK)
+    beta = _or(_attr(section, "ppo_kl_coef"), PPO_KL_COEF_FALLBACK)
+    if not ratio_k > 0:
+        raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio_k}")
+
+    log_ratio = log_prob - old_log_prob
+    abs_log_ratio = log_ratio.abs()
+    ratio = torch.exp(log_ratio)
+    plain = -advantages * ratio
+    penalised = -advantages * ratio + beta * abs_log_ratio
+    selected = _kl_cov_select(log_prob, advantages, response_mask, ratio_k)
+    pg_losses = torch.where(selected, penalised, plain)
+
+    metrics = {"actor/ppo_kl": masked_mean(abs_log_ratio, response_mask).detach().item()}
+    return _aggregate(pg_losses, response_mask, loss_agg_mode, config, rollout_is_weights), metrics
+
+
+@register_policy_loss("gpg")
+def compute_policy_loss_gpg(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """GPG (spec 3.2): ``-A logp``, no ratio and no clipping; no metrics (``{}`` as verl 0.9)."""
+    del old_log_prob
+    pg_losses = -log_prob * advantages
+    return _aggregate(pg_losses, response_mask, loss_agg_mode, config, rollout_is_weights), {}
+
+
+# --------------------------------------------------------------------------------------------
+# KL penalty, entropy, actor loss
+# --------------------------------------------------------------------------------------------
+KL_PENALTY_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+"""Estimators of KL(pi || ref) per token (spec 3.6); each also exists with a "+" suffix."""
+
+
+def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """Per-token KL estimate with ``delta = logprob - ref_logprob`` (spec 3.6).
+
+    ``kl``/``k1``: delta; ``abs``: |delta|; ``mse``/``k2``: delta^2 / 2; ``low_var_kl``/``k3``:
+    ``e^{-delta} + delta - 1`` with ``-delta`` clamped to +-20 and the result to [-10, 10];
+    ``full`` (needs full-vocabulary logits) and unknown kinds raise NotImplementedError.
+    """
+    if kl_penalty in ("kl", "k1"):
+        return logprob - ref_logprob
+    if kl_penalty == "abs":
+        return (logprob - ref_logprob).abs()
+    if kl_penalty in ("mse", "k2"):
+        return 0.5 * (logprob - ref_logprob).square()
+    if kl_penalty in ("low_var_kl", "k3"):
+        neg_delta = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+        return torch.clamp(torch.exp(neg_delta) - neg_delta - 1, min=-10, max=10)
+    if kl_penalty == "full":
+        raise NotImplementedError("kl_penalty 'full' needs full-vocabulary logits; not implemented")
+    raise NotImplementedError(
+        f"unknown kl_penalty {kl_penalty!r}; expected one of {list(KL_PENALTY_KINDS)} (+ '+')"
+    )
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """KL estimate of kind ``kl_penalty``. A trailing "+" (e.g. ``k3+``) keeps the value of the kind
+    but takes the gradient of ``k2`` (straight-through), whose expected gradient is the true KL's."""
+    straight_through = kl_penalty.endswith("+")
+    value = kl_penalty_forward(logprob, ref_logprob, kl_penalty[:-1] if straight_through else kl_penalty)
+    if not straight_through:
+        return value
+    surrogate = 0.5 * (logprob - ref_logprob).square()
+    return surrogate - surrogate.detach() + value.detach()
+
+
+def compute_entropy_loss(
+    logits: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str = "token-mean"
+) -> torch.Tensor:
+    """Aggregated token entropy of ``softmax(logits)`` (``[B, T, V]`` -> scalar)."""
+    return agg_loss(entropy_from_logits(logits), response_mask, loss_agg_mode)
+
+
+def actor_loss(
+    pg_loss: torch.Tensor,
+    entropy_agg: torch.Tensor | None,
+    entropy_coeff: float,
+    kl_agg: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """The micro-batch actor objective (spec 3.6): ``pg - entropy_coeff * H (+ kl_coef * KL)``.
+
+    As the official actor, the entropy term is skipped when ``entropy_coeff == 0`` (``entropy_agg``
+    may then be None) and the KL term when ``kl_agg`` is None. Scaling by 1/grad_accum and by the
+    replay coefficient c(t) is the trainer's job.
+    """
+    loss = pg_loss
+    if entropy_coeff != 0:
+        if entropy_agg is None:
+            raise ValueError("entropy_coeff != 0 needs entropy_agg")
+        loss = loss - entropy_agg * entropy_coeff
+    if kl_agg is not None:
+        loss = loss + kl_agg * kl_coef
+    return loss

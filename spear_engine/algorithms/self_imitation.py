@@ -1,0 +1,380 @@
+"""SPEAR self-imitation: what enters the replay buffer, when replay fires, and with which advantages.
+
+This is the replay *policy* (spec sections 1-2) on top of the C++ replay index
+(:mod:`spear_engine.replay`), which stores the rows. Each official quirk is a named option of
+:class:`~spear_engine.config.ReplayConfig`; ``spear-official`` reproduces the official code:
+
+* after the actor update of step t (:meth:`SelfImitation.update`): drop stale rows, push the
+  baseline statistics of the step's (post-rollout-filter) batch, admit rows with advantage > 0;
+* before the actor update of step t (:meth:`SelfImitation.draw`): official mode fires only when more
+  than 1.5 N rows beat the P50 baseline, recalibrates A = score - P50, drops rows below it, draws a
+  power of two <= N uniformly and flushes the buffer; every-step mode draws every step and keeps it.
+
+Rows are whatever the trainer trains on (a step-sample or a whole trajectory): token ids, behaviour
+log-probs and a per-token flag byte (:data:`MASK_ATTENTION`, :data:`MASK_RESPONSE`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from spear_engine.config import AlgorithmConfig, ReplayConfig
+
+MASK_ATTENTION = 1
+"""Flag bit: a response token (the official agent actor's replay loss mask is this attention mask)."""
+MASK_RESPONSE = 2
+"""Flag bit: a response token that survived the Dr.BoT filters (the filtered ``response_mask``)."""
+
+STD_EPSILON = 1e-6
+"""Added to the baseline std when recalibrated advantages are std-normalised (as the official code)."""
+
+
+@dataclass
+class SILBatch:
+    """The rows of one training step offered to the buffer (the post-rollout-filter batch).
+
+    ``tokens``/``logp``/``mask`` are the concatenation of the rows (``lengths`` gives each row's length):
+    int32 token ids, float32 behaviour log-probs, uint8 flag bytes. ``scores`` is each row's summed
+    reward tensor (episode reward + tool bonus - invalid penalty). ``advantages`` is the row's on-policy
+    scalar advantage; ``episode_advantages`` its episode-level part (GiGPO: without the step term;
+    defaults to ``advantages``), used by trajectory-level admission.
+    """
+
+    tokens: np.ndarray
+    logp: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    group_ids: np.ndarray
+    traj_ids: np.ndarray
+    scores: np.ndarray
+    advantages: np.ndarray
+    episode_advantages: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = np.ascontiguousarray(self.tokens, dtype=np.int32)
+        self.logp = np.ascontiguousarray(self.logp, dtype=np.float32)
+        self.mask = np.ascontiguousarray(self.mask, dtype=np.uint8)
+        self.lengths = np.ascontiguousarray(self.lengths, dtype=np.int32)
+        for name in ("group_ids", "traj_ids"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.int64))
+        for name in ("scores", "advantages"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+        if self.episode_advantages is None:
+            self.episode_advantages = self.advantages
+        self.episode_advantages = np.ascontiguousarray(self.episode_advantages, dtype=np.float64)
+        n = len(self.lengths)
+        for name in ("group_ids", "traj_ids", "scores", "advantages", "episode_advantages"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"SILBatch.{name} has {len(getattr(self, name))} rows, lengths has {n}")
+        total = int(self.lengths.sum())
+        for name in ("tokens", "logp", "mask"):
+            if len(getattr(self, name)) != total:
+                raise ValueError(
+                    f"SILBatch.{name} has {len(getattr(self, name))} tokens, lengths sum to {total}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row_has_flag(self, flag: int) -> np.ndarray:
+        """Per row: does any of its tokens carry ``flag``?"""
+        ends = np.cumsum(self.lengths, dtype=np.int64)
+        hits = np.concatenate([[0], np.cumsum((self.mask & flag) > 0, dtype=np.int64)])
+        return (hits[ends] - hits[ends - self.lengths]) > 0
+
+
+@dataclass
+class ReplayBatch:
+    """Rows drawn for a self-imitation update, right-padded, with their recalibrated advantages."""
+
+    row_ids: np.ndarray
+    tokens: np.ndarray
+    logp: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    advantages: np.ndarray
+    scores: np.ndarray
+    steps: np.ndarray
+    loss_mask_flag: int
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def loss_mask(self) -> np.ndarray:
+        """[k, Lmax] float32 loss mask: the tokens whose flag byte carries the configured bit."""
+        return ((self.mask & self.loss_mask_flag) > 0).astype(np.float32)
+
+    def token_advantages(self) -> np.ndarray:
+        """[k, Lmax] advantages: the row's recalibrated scalar on its loss-mask tokens, 0 elsewhere."""
+        return self.advantages[:, None].astype(np.float32) * self.loss_mask()
+
+
+def group_baseline_stats(
+    scores: np.ndarray, group_ids: np.ndarray, traj_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per trajectory mean score r_k, then per group mu_g = mean_k r_k and sigma_g = population std.
+
+    Returns (trajectory_means, group_means, group_stds); groups and trajectories in first-seen order.
+    """
+    traj_order, traj_inverse = _first_seen_inverse(traj_ids)
+    traj_sum = np.bincount(traj_inverse, weights=scores, minlength=len(traj_order))
+    traj_count = np.bincount(traj_inverse, minlength=len(traj_order))
+    traj_mean = traj_sum / traj_count
+    traj_group = np.empty(len(traj_order), dtype=np.int64)
+    traj_group[traj_inverse] = group_ids
+    group_order, group_inverse = _first_seen_inverse(traj_group)
+    means = np.empty(len(group_order))
+    stds = np.empty(len(group_order))
+    for g in range(len(group_order)):
+        members = traj_mean[group_inverse == g]
+        means[g] = np.mean(members)
+        stds[g] = np.std(members)
+    return traj_mean, means, stds
+
+
+def _first_seen_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ids in order of first appearance, and each element's position in that order."""
+    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return uniq[order], rank[inverse]
+
+
+def largest_power_of_two_at_most(n: int) -> int:
+    """2^floor(log2 n) for n >= 1."""
+    return 1 << (int(n).bit_length() - 1)
+
+
+class SelfImitation:
+    """The SPEAR replay buffer policy for one rank."""
+
+    def __init__(
+        self,
+        replay: ReplayConfig,
+        algorithm: AlgorithmConfig,
+        seed: int = 0,
+        min_replay_rows: int = 1,
+        index_factory: Callable[..., Any] | None = None,
+        window_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        if index_factory is None or window_factory is None:
+            from spear_engine.replay import BaselineWindow, ReplayIndex
+
+            index_factory = index_factory or ReplayIndex
+            window_factory = window_factory or BaselineWindow
+        self.replay = replay
+        self.algorithm = algorithm
+        self.min_replay_rows = min_replay_rows
+        capacity = replay.capacity_rows if replay.replay_trigger == "every_step" else 0
+        self.index = index_factory(capacity_rows=capacity, eviction="oldest", seed=seed)
+        window_eviction = "value" if replay.baseline_eviction == "fifo" else "step_entries"
+        self.mean_window = window_factory(capacity=replay.baseline_buffer_size, eviction=window_eviction)
+        self.std_window = window_factory(capacity=replay.baseline_buffer_size, eviction=window_eviction)
+
+    # -------------------------------------------------------------------------------------------
+    # derived settings
+    # -------------------------------------------------------------------------------------------
+    @property
+    def recalibration_mode(self) -> bool:
+        """w <= 0 or w > 1: recalibrate against the P50 baseline; 0 < w <= 1: decay stored advantages."""
+        w = self.replay.weight_decay_trajectory_replay
+        return not (0.0 < w <= 1.0)
+
+    @property
+    def tolerate_steps(self) -> int:
+        tau = self.replay.trajectory_tolerate_steps
+        cap = self.replay.tolerate_steps_cap
+        return tau if cap is None else min(tau, cap)
+
+    @property
+    def loss_mask_flag(self) -> int:
+        return MASK_ATTENTION if self.replay.replay_mask == "attention" else MASK_RESPONSE
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # -------------------------------------------------------------------------------------------
+    # after the actor update of step t
+    # -------------------------------------------------------------------------------------------
+    def update(self, step: int, batch: SILBatch) -> dict[str, float]:
+        """Staleness sweep, baseline statistics, admission (official order, spec 1.2)."""
+        if self.replay.staleness_anchor == "newest_row":
+            self.index.evict_stale(self.tolerate_steps)
+        else:
+            self.index.evict_stale(self.tolerate_steps, current_step=step)
+        self._push_baseline(step, batch)
+        admitted = self._admission_values(batch)
+        ids = self.index.insert_batch(
+            batch.tokens,
+            batch.logp,
+            batch.mask,
+            batch.lengths,
+            np.full(len(batch), step, dtype=np.int64),
+            batch.group_ids,
+            batch.traj_ids,
+            batch.scores,
+            admitted,
+            self.replay.admission_threshold,
+        )
+        n_admitted = int((np.asarray(ids) >= 0).sum())
+        return {
+            "replay/admitted_rows": float(n_admitted),
+            "replay/buffer_rows": float(len(self.index)),
+            "trajectory_sft_buffersize": float(len(self.index)),
+        }
+
+    def _push_baseline(self, step: int, batch: SILBatch) -> None:
+        if len(batch) == 0:
+            return
+        traj_means, group_means, group_stds = group_baseline_stats(
+            batch.scores, batch.group_ids, batch.traj_ids
+        )
+        values = group_means if self.replay.baseline_unit == "group_mean" else traj_means
+        self.mean_window.push(step, values)
+        self.std_window.push(step, group_stds)
+
+    def _admission_values(self, batch: SILBatch) -> np.ndarray:
+        """The value compared with the admission threshold, per row (-inf = never admitted).
+
+        A row whose filtered response mask is empty has zero token advantages, so the official
+        ``mean_k A > 0`` test rejects it; we reject it whatever the threshold.
+        """
+        trainable = batch.row_has_flag(MASK_RESPONSE)
+        if self.replay.admission_level == "step":
+            values = batch.advantages.copy()
+        else:
+            traj_order, inverse = _first_seen_inverse(batch.traj_ids)
+            sums = np.bincount(inverse, weights=batch.episode_advantages, minlength=len(traj_order))
+            counts = np.bincount(inverse, minlength=len(traj_order))
+            values = (sums / counts)[inverse]
+        values[~trainable] = -math.inf
+        return values
+
+    # -------------------------------------------------------------------------------------------
+    # before the actor update of step t
+    # -------------------------------------------------------------------------------------------
+    def baseline(self) -> tuple[float, float] | None:
+        """(P50 of the stored means, P50 of the stored stds), or None before any statistics exist."""
+        if len(self.mean_window) == 0:
+            return None
+        return float(self.mean_window.percentile(50.0)), float(self.std_window.percentile(50.0))
+
+    def recalibrated_advantages(self, scores: np.ndarray, stored_advantages: np.ndarray) -> np.ndarray:
+        """Spec 2: A = s - b (or (s - b)/(b_sigma + 1e-6) with std-norm); decay mode A = w * A_stored."""
+        if not self.recalibration_mode:
+            return self.replay.weight_decay_trajectory_replay * stored_advantages
+        base = self.baseline()
+        if base is None:
+            return np.zeros_like(scores)
+        b_mean, b_std = base
+        if self.algorithm.norm_adv_by_std_in_grpo:
+            return (scores - b_mean) / (b_std + STD_EPSILON)
+        return scores - b_mean
+
+    def _keep_after_recalibration(self, advantages: np.ndarray) -> np.ndarray:
+        if not self.recalibration_mode:
+            return np.ones(len(advantages), dtype=bool)
+        if self.replay.recalibration_keep == "nonnegative":
+            return advantages >= 0
+        return advantages > 0
+
+    def qualifying_rows(self) -> int:
+        """Official ``get_buffer_size``: rows whose score beats the P50 baseline (recalibration mode)."""
+        if not self.recalibration_mode:
+            return len(self.index)
+        if len(self.mean_window) > 0:
+            return int(self.index.count_score_above(self.mean_window.percentile(50.0)))
+        meta = self.index.metadata()
+        count = 0
+        for step in np.unique(meta["step"]):  # no statistics yet: each step's rows vs their own mean
+            chunk = meta["score"][meta["step"] == step]
+            count += int((chunk > chunk.mean()).sum())
+        return count
+
+    def draw(self, step: int, on_policy_rows: int) -> tuple[ReplayBatch | None, dict[str, float]]:
+        """The replay batch for step t, or None when no replay happens this step."""
+        if self.replay.replay_trigger == "when_full_then_flush":
+            return self._draw_when_full()
+        return self._draw_every_step(step, on_policy_rows)
+
+    def _draw_when_full(self) -> tuple[ReplayBatch | None, dict[str, float]]:
+        n_cap = self.replay.trajectory_buffer_size
+        qualifying = self.qualifying_rows()
+        metrics = {"replay/qualifying_rows": float(qualifying), "replay/fired": 0.0}
+        if qualifying <= self.replay.full_factor * n_cap:
+            return None, metrics
+        meta = self.index.metadata()
+        advantages = self.recalibrated_advantages(meta["score"], meta["advantage"])
+        keep = self._keep_after_recalibration(advantages)
+        n = int(keep.sum())
+        k = 0 if n <= 1 else min(largest_power_of_two_at_most(n), n_cap)
+        metrics.update({"replay/fired": 1.0, "replay/eligible_rows": float(n)})
+        batch = None
+        if k >= max(self.min_replay_rows, 1):
+            batch = self._gather(meta, advantages, keep, k)
+        self.index.flush()
+        metrics["replay/drawn_rows"] = float(len(batch) if batch is not None else 0)
+        return batch, metrics
+
+    def _draw_every_step(self, step: int, on_policy_rows: int) -> tuple[ReplayBatch | None, dict[str, float]]:
+        if self.replay.staleness_anchor == "current_step":
+            self.index.evict_stale(self.tolerate_steps, current_step=step)
+        meta = self.index.metadata()
+        advantages = self.recalibrated_advantages(meta["score"], meta["advantage"])
+        keep = self._keep_after_recalibration(advantages)
+        n = int(keep.sum())
+        want = math.ceil(self.replay.replay_batch_ratio * on_policy_rows)
+        k = min(self.replay.trajectory_buffer_size, want, n)
+        metrics = {
+            "replay/eligible_rows": float(n),
+            "replay/fired": float(k >= self.min_replay_rows and k > 0),
+        }
+        batch = self._gather(meta, advantages, keep, k) if k >= max(self.min_replay_rows, 1) else None
+        metrics["replay/drawn_rows"] = float(len(batch) if batch is not None else 0)
+        return batch, metrics
+
+    def _gather(
+        self, meta: dict[str, np.ndarray], advantages: np.ndarray, keep: np.ndarray, k: int
+    ) -> ReplayBatch:
+        candidates = meta["row_id"][keep]
+        if self.replay.replay_draw == "uniform":
+            drawn = np.asarray(self.index.draw(k, "uniform", candidates))
+        else:
+            base = self.baseline()
+            floor = base[0] if base is not None and self.recalibration_mode else 0.0
+            drawn = np.asarray(self.index.draw(k, "score", candidates, floor))
+        position = {int(r): i for i, r in enumerate(meta["row_id"])}
+        rows = np.array([position[int(r)] for r in drawn], dtype=np.int64)
+        tokens, logp, mask, lengths = self.index.gather(drawn)
+        return ReplayBatch(
+            row_ids=drawn,
+            tokens=tokens,
+            logp=logp,
+            mask=mask,
+            lengths=lengths,
+            advantages=advantages[rows],
+            scores=meta["score"][rows],
+            steps=meta["step"][rows],
+            loss_mask_flag=self.loss_mask_flag,
+        )
+
+    # -------------------------------------------------------------------------------------------
+    # checkpoints
+    # -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, bytes]:
+        return {
+            "index": self.index.to_bytes(),
+            "mean_window": self.mean_window.to_bytes(),
+            "std_window": self.std_window.to_bytes(),
+        }
+
+    def load_state_dict(self, state: dict[str, bytes]) -> None:
+        self.index = type(self.index).from_bytes(state["index"])
+        self.mean_window = type(self.mean_window).from_bytes(state["mean_window"])
+        self.std_window = type(self.std_window).from_bytes(state["std_window"])

@@ -1,0 +1,311 @@
+"""The typed configuration tree.
+
+Every knob of the SPEAR spec (``shared/reference/spear_official_semantics.md`` sections 1-6) lives
+here under the name the official code (verl / verl-agent) gives it, with its default and where the
+value comes from. Each place where the official code departs from its README, or has a quirk, is a
+named option: the ``spear-official`` preset sets them to the official behaviour, the ``spear``
+preset to the sound one (``spear_paper_vs_code.md`` section 14). Loading, presets and dotted
+overrides live in :mod:`spear_engine.config_loading`.
+
+The section objects double as the ``config`` argument of the verl-style policy-loss functions:
+``ActorConfig`` has the attributes verl reads (``clip_ratio*``, ``policy_loss.*``,
+``global_batch_info``) and a ``.get`` like verl's ``BaseConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LossAggMode = Literal[
+    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"
+]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style read, as verl's ``BaseConfig.get`` (the loss functions call ``config.get``)."""
+        return getattr(self, key, default)
+
+
+# --------------------------------------------------------------------------------------------
+# actor: the policy loss and its optimisation (spec section 3)
+# --------------------------------------------------------------------------------------------
+class PolicyLossConfig(Section):
+    """``actor.policy_loss``: which loss, and the Clip-Cov / KL-Cov constants (spec 3.3, 3.4)."""
+
+    loss_mode: Literal["vanilla", "clip_cov", "kl_cov", "gpg"] = "vanilla"
+    """Registry name of the policy loss. SPEAR scripts: clip_cov; Dr.BoT and baselines: vanilla."""
+    clip_cov_ratio: float = Field(2e-4, gt=0)
+    """Fraction of valid tokens detached by Clip-Cov on-policy (verl yaml 2e-4 -> ~1 token/micro-batch)."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov candidates need cov strictly above this (yaml 1.0)."""
+    clip_cov_ub: float = 5.0
+    """... and strictly below this (yaml 5.0)."""
+    kl_cov_ratio: float = Field(2e-4, gt=0)
+    """Fraction of valid tokens given the KL penalty by KL-Cov on-policy (yaml 2e-4)."""
+    ppo_kl_coef: float = 0.1
+    """KL-Cov penalty weight beta (yaml 0.1; code fallback 1.0 when null)."""
+    clip_cov_ratio_replay: float | None = 2e-4
+    """Clip-Cov ratio on replay rows (yaml 2e-4; null -> official fallback 0.002; agent scripts 0.02)."""
+    clip_cov_lb_replay: float | None = 1.0
+    """Clip-Cov lower bound on replay rows (yaml 1.0; null -> 1.0; agent scripts 2)."""
+    clip_cov_ub_replay: float | None = 5.0
+    """Clip-Cov upper bound on replay rows (yaml 5.0; null -> 40.0; agent scripts 60)."""
+    kl_cov_ratio_replay: float | None = 2e-4
+    """KL-Cov ratio on replay rows (yaml 2e-4; null -> 0.8; agent scripts 0.02)."""
+    replay_uses_replay_params: bool = True
+    """Use the ``*_replay`` constants on replay rows. The official math code ignores them for clip_cov
+    (replay then runs with the on-policy constants); the agent code honours them."""
+
+
+class ActorConfig(Section):
+    """``actor``: PPO-family update of the policy (spec 3.1-3.6, 7.1)."""
+
+    clip_ratio: float = Field(0.2, gt=0)
+    """PPO epsilon; ``clip_ratio_low/high`` fall back to it when null."""
+    clip_ratio_low: float | None = 0.2
+    """Lower clip epsilon (ratio >= 1 - eps_low)."""
+    clip_ratio_high: float | None = 0.2
+    """Upper clip epsilon (clip-higher: Dr.BoT / SPEAR use 0.28)."""
+    clip_ratio_c: float = Field(3.0, gt=1.0)
+    """Dual-clip constant for A < 0 (verl default 3.0; Dr.BoT / SPEAR scripts 10.0). Must be > 1."""
+    loss_agg_mode: LossAggMode = "token-mean"
+    """How the token losses of a micro-batch become one scalar (verl 0.9 ``agg_loss`` modes)."""
+    legacy_agg_loss: bool = False
+    """Aggregate losses as the older verl of the official SPEAR code (spec 3.5): no batch info, so e.g.
+    seq-mean-token-sum-norm is sum(l*m)/L per micro-batch (then / grad_accum), *not* divided by the
+    number of sequences as verl 0.9 does."""
+    entropy_coeff: float = 0.001
+    """Entropy bonus weight: loss = pg - coeff * H. verl-agent yaml 0.001, no script overrides it."""
+    use_kl_loss: bool = False
+    """KL to the reference policy as a loss term (off in SPEAR / Dr.BoT)."""
+    kl_loss_coef: float = 0.001
+    kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"] = (
+        "low_var_kl"
+    )
+    """KL estimator (spec 3.6): k1 = delta, abs, k2 = delta^2/2, k3 = low-variance, "+" = straight-through k2 grad."""
+    ppo_epochs: int = Field(1, ge=1)
+    ppo_mini_batch_size: int = Field(256, ge=1)
+    """Rows per optimizer step (global). Official ALFWorld 1024, WebShop 256."""
+    ppo_micro_batch_size_per_gpu: int = Field(8, ge=1)
+    """Rows per forward/backward (gradient accumulation = mini / micro)."""
+    grad_clip: float = Field(1.0, gt=0)
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    use_filtered_response_mask: bool = True
+    """Train with the Dr.BoT-filtered ``response_mask``. The official agent actor ignores it and uses the
+    attention mask, so filtered rows still feed the entropy bonus and clip-cov means (spec 3.6)."""
+    policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+
+    @property
+    def global_batch_info(self) -> dict[str, Any]:
+        """Extra ``agg_loss`` kwargs (the verl 0.9 attribute the loss functions read): none for a single
+        process. The trainer passes per-micro-batch values through a config view (global token and
+        sequence counts across ranks, or ``legacy_global_batch_info`` when ``legacy_agg_loss``)."""
+        return {}
+
+    @model_validator(mode="after")
+    def _check_mini_micro(self) -> ActorConfig:
+        if self.ppo_mini_batch_size % self.ppo_micro_batch_size_per_gpu:
+            raise ValueError(
+                f"actor.ppo_mini_batch_size ({self.ppo_mini_batch_size}) must be a multiple of "
+                f"actor.ppo_micro_batch_size_per_gpu ({self.ppo_micro_batch_size_per_gpu})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# algorithm: advantages, rewards, Dr.BoT filters (spec sections 4-6)
+# --------------------------------------------------------------------------------------------
+class GiGPOConfig(Section):
+    """``algorithm.gigpo`` (spec 6.2)."""
+
+    mode: Literal["mean_norm", "mean_std_norm"] = "mean_norm"
+    """Normalisation of both GiGPO levels; independent of ``norm_adv_by_std_in_grpo`` (all official
+    scripts use mean_std_norm; yaml default mean_norm)."""
+    step_advantage_w: float = 1.0
+    """A = A_episode + w * A_step."""
+
+
+class AlgorithmConfig(Section):
+    """``algorithm``: advantage estimator, intrinsic reward, Dr.BoT response filters."""
+
+    adv_estimator: Literal["grpo", "gigpo"] = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+    """GRPO: divide by the group std (True) or not (Dr.GRPO / Dr.BoT: False). Also used by replay recalibration."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of GiGPO step returns (scripts 0.95)."""
+    gigpo: GiGPOConfig = Field(default_factory=GiGPOConfig)
+    use_kl_in_reward: bool = False
+    """KL-in-reward against the reference policy (off in every SPEAR / Dr.BoT script)."""
+    kl_penalty: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "kl"
+    kl_coef: float = 0.001
+    # --- intrinsic tool-call reward (spec 4) -------------------------------------------------
+    use_toolcall_reward: Literal["none", "constant", "cosine"] = "none"
+    """Schedule of the tool-call bonus: none, constant, or cosine decay 1 -> 0 over max_toolcall_steps."""
+    max_toolcall_steps: int = Field(100, ge=1)
+    """T_tool of the cosine decay (yaml 100; every SPEAR script 200)."""
+    toolcall_count: Literal["env_steps", "tool_calls"] = "env_steps"
+    """What n counts: every active env step, invalid ones included (official agent code), or parsed valid
+    tool calls / actions (paper formula; no bonus for malformed actions)."""
+    toolcall_bonus_per_call: float = 0.1
+    toolcall_bonus_cap: float = 1.0
+    """Raw bonus = min(cap, per_call * n)."""
+    invalid_action_penalty_coef: float = Field(0.1, ge=0)
+    """Subtracted from the score of a step-sample whose action is invalid (spec 4.1)."""
+    # --- Dr.BoT response filters (spec 5.1) ----------------------------------------------------
+    filter_overlong_responses: bool = False
+    filter_incomplete_responses: bool = False
+    filter_repetitive_responses: bool = False
+    filter_unreadable_responses: bool = False
+    filters_without_replay: bool = True
+    """Apply the response filters when replay is off too. The official agent code applies them only in
+    the replay (hybrid) trainer, so its Dr.BoT runs silently lose them (spec 0)."""
+    repetition_ngram: int = Field(20, ge=1)
+    repetition_min_count: int = Field(10, ge=2)
+
+
+# --------------------------------------------------------------------------------------------
+# replay: self-imitation buffer (spec sections 1-2)
+# --------------------------------------------------------------------------------------------
+class ReplayConfig(Section):
+    """``replay``: SPEAR self-imitation. Official names where the official code has one."""
+
+    enable_trajectory_replay: bool = False
+    trajectory_buffer_size: int = Field(2048, ge=1)
+    """N. Official: a trigger level (replay fires when > 1.5 N rows qualify) and the cap of a replay batch.
+    Every-step mode: the buffer capacity in rows (FIFO) and the cap of a replay batch."""
+    trajectory_tolerate_steps: int = Field(5, ge=0)
+    """Staleness window tau: rows older than tau steps are dropped."""
+    tolerate_steps_cap: int | None = 10
+    """The official code silently uses min(tau, 10). null = no cap."""
+    staleness_anchor: Literal["newest_row", "current_step"] = "newest_row"
+    """Staleness measured from the newest stored row (official) or from the current training step."""
+    replay_loss_coef: float = Field(1.0, ge=0)
+    """C of c(t) = C (1 - cos(pi t / T)) / 2 (README 1; agent yaml 0.001; every script 1)."""
+    max_replay_loss_steps: int = Field(200, ge=1)
+    """T of c(t). The agent scripts intend 100 (ALFWorld) / 200 (WebShop) but never pass it: 200 is what ran."""
+    weight_decay_trajectory_replay: float = -1.0
+    """w. w <= 0 or w > 1: recalibration mode (A = score - P50 baseline). 0 < w <= 1: decay mode (A = w * A_stored)."""
+    baseline_buffer_size: int = Field(10240, ge=0)
+    """Size of the baseline window (0 = unlimited)."""
+    baseline_unit: Literal["group_mean", "trajectory"] = "group_mean"
+    """What the baseline window holds: one mean per prompt group per step (official), or one return per
+    trajectory (paper / README wording)."""
+    baseline_eviction: Literal["step_entries", "fifo"] = "step_entries"
+    """Official: before appending, pop whole step entries while the window holds more than its size
+    (so it may exceed it by one step). fifo: keep exactly the last ``baseline_buffer_size`` values."""
+    admission_threshold: float = 0.0
+    """Admit rows whose on-policy advantage is strictly above this (official: 0)."""
+    trajectory_score_threshold: float = 1.0
+    """Kept so official configs load; the official code never reads it (spec 1.1). Not used."""
+    admission_level: Literal["step", "trajectory"] = "step"
+    """Admit a step-sample by its own advantage (official; for GiGPO that includes the step term) or a whole
+    trajectory by its episode-level advantage (paper)."""
+    recalibration_keep: Literal["nonnegative", "positive"] = "nonnegative"
+    """After recalibration keep rows with A >= 0 (official agent code) or A > 0 (paper, math code)."""
+    replay_trigger: Literal["when_full_then_flush", "every_step"] = "when_full_then_flush"
+    """Official: replay only when > full_factor * N rows qualify, draw a power of two <= N, then flush the
+    buffer. every_step: draw a replay batch every step and keep the buffer (FIFO, capacity N)."""
+    full_factor: float = Field(1.5, gt=0)
+    capacity_rows: int = Field(8192, ge=1)
+    """every_step mode: rows kept in the buffer (oldest evicted first). The official buffer has no capacity."""
+    replay_batch_ratio: float = Field(0.5, gt=0)
+    """every_step mode: replay rows per step = min(N, ratio * on-policy rows, eligible rows)."""
+    replay_draw: Literal["uniform", "score"] = "uniform"
+    """How replay rows are drawn (official: uniform without replacement)."""
+    replay_update: Literal["sequential", "joint"] = "sequential"
+    """sequential: separate optimizer steps over replay mini-batches after the on-policy ones, each loss
+    scaled by c(t) (official). joint: on-policy loss + c(t) * replay loss in the same optimizer steps (paper)."""
+    replay_mask: Literal["attention", "response"] = "attention"
+    """Loss mask of replay rows: the attention mask (official agent quirk; Dr.BoT-filtered rows train) or
+    the filtered response mask."""
+
+
+# --------------------------------------------------------------------------------------------
+# rollout, data, env, model, trainer (the parts the algorithm core needs now)
+# --------------------------------------------------------------------------------------------
+class RolloutConfig(Section):
+    """``rollout``: sampling, and the group-std rollout filter (spec 5.2)."""
+
+    name: Literal["hf", "vllm"] = "hf"
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    val_temperature: float = Field(0.4, gt=0)
+    rollout_filter_ratio: float = Field(1.0, gt=0, le=1)
+    """Keep this fraction of prompt groups, those with the largest reward std (1.0 = metrics only)."""
+    rollout_filter_type: Literal["std", "std_rev"] = "std"
+    rollout_filter_pow2_subsample: bool = False
+    """Official quirk: after the group filter, shuffle and keep the first 2^floor(log2 n) step-samples."""
+
+
+class DataConfig(Section):
+    train_batch_size: int = Field(32, ge=1)
+    """Prompt groups (environments) per training step."""
+    val_batch_size: int = Field(128, ge=1)
+    max_prompt_length: int = Field(2048, ge=1)
+    max_response_length: int = Field(512, ge=1)
+    """Per-turn response budget; also the Dr.BoT overlong threshold."""
+    pad_batch_by_duplication: bool = False
+    """Official ``adjust_batch(mode="copy")``: duplicate random samples until the batch divides the mini-batch
+    size; the duplicates take part in group statistics."""
+
+
+class EnvRolloutConfig(Section):
+    n: int = Field(8, ge=1)
+    """Group size G: rollouts per prompt / environment seed."""
+
+
+class EnvConfig(Section):
+    name: str = "alfworld"
+    max_steps: int = Field(50, ge=1)
+    """Maximum env steps (turns) per episode (ALFWorld 50, WebShop 15)."""
+    history_length: int = Field(2, ge=0)
+    """Steps of history in each step prompt (verl-agent step layout)."""
+    rollout: EnvRolloutConfig = Field(default_factory=EnvRolloutConfig)
+
+
+class ModelConfig(Section):
+    path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Hub id or local path of the policy."""
+
+
+class TrainerConfig(Section):
+    total_training_steps: int = Field(200, ge=1)
+    seed: int = 0
+    test_freq: int = Field(5, ge=0)
+    save_freq: int = Field(10, ge=0)
+    n_gpus_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+
+
+class SpearConfig(Section):
+    """The whole configuration tree."""
+
+    preset: str = "custom"
+    description: str = ""
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> SpearConfig:
+        kept_groups = int(self.rollout.rollout_filter_ratio * self.data.train_batch_size)
+        if self.rollout.rollout_filter_ratio < 1.0 and kept_groups < 1:
+            raise ValueError(
+                f"rollout.rollout_filter_ratio={self.rollout.rollout_filter_ratio} keeps no group of "
+                f"data.train_batch_size={self.data.train_batch_size}; raise one of them"
+            )
+        return self
