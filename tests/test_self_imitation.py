@@ -10,8 +10,8 @@ from spear_engine.algorithms.self_imitation import (
     MASK_RESPONSE,
     SelfImitation,
     SILBatch,
-    group_baseline_stats,
     largest_power_of_two_at_most,
+    trajectory_mean_scores,
 )
 from spear_engine.config import AlgorithmConfig, ReplayConfig
 from spear_engine.replay import BaselineWindow, NumpyBaselineWindow, NumpyReplayIndex, ReplayIndex
@@ -81,15 +81,11 @@ def impl(request) -> str:
     return request.param
 
 
-def test_group_baseline_stats_by_hand() -> None:
-    # group 7: traj 0 has step scores [1, 3] -> 2; traj 1 has [0] -> 0; group 9: traj 2 [5, 5, 5] -> 5
-    scores = np.array([1.0, 3.0, 0.0, 5.0, 5.0, 5.0])
-    groups = np.array([7, 7, 7, 9, 9, 9])
-    trajs = np.array([0, 0, 1, 2, 2, 2])
-    traj_means, means, stds = group_baseline_stats(scores, groups, trajs)
-    assert traj_means.tolist() == [2.0, 0.0, 5.0]
-    assert means.tolist() == [1.0, 5.0]
-    assert stds.tolist() == [1.0, 0.0]  # population std of [2, 0] is 1
+def test_trajectory_mean_scores_by_hand() -> None:
+    # traj 4 has step scores [1, 3] -> 2; traj 1 has [0] -> 0; traj 2 has [5, 6, 7] -> 6 (first-seen order)
+    scores = np.array([1.0, 0.0, 3.0, 5.0, 6.0, 7.0])
+    trajs = np.array([4, 1, 4, 2, 2, 2])
+    assert trajectory_mean_scores(scores, trajs).tolist() == [2.0, 0.0, 6.0]
 
 
 def test_power_of_two() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from spear_engine.algorithms.filters import group_score_stats
 from spear_engine.config import AlgorithmConfig, ReplayConfig
 
 MASK_ATTENTION = 1
@@ -114,27 +115,11 @@ class ReplayBatch:
         return self.advantages[:, None].astype(np.float32) * self.loss_mask()
 
 
-def group_baseline_stats(
-    scores: np.ndarray, group_ids: np.ndarray, traj_ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per trajectory mean score r_k, then per group mu_g = mean_k r_k and sigma_g = population std.
-
-    Returns (trajectory_means, group_means, group_stds); groups and trajectories in first-seen order.
-    """
-    traj_order, traj_inverse = _first_seen_inverse(traj_ids)
-    traj_sum = np.bincount(traj_inverse, weights=scores, minlength=len(traj_order))
-    traj_count = np.bincount(traj_inverse, minlength=len(traj_order))
-    traj_mean = traj_sum / traj_count
-    traj_group = np.empty(len(traj_order), dtype=np.int64)
-    traj_group[traj_inverse] = group_ids
-    group_order, group_inverse = _first_seen_inverse(traj_group)
-    means = np.empty(len(group_order))
-    stds = np.empty(len(group_order))
-    for g in range(len(group_order)):
-        members = traj_mean[group_inverse == g]
-        means[g] = np.mean(members)
-        stds[g] = np.std(members)
-    return traj_mean, means, stds
+def trajectory_mean_scores(scores: np.ndarray, traj_ids: np.ndarray) -> np.ndarray:
+    """Mean score of each trajectory's rows (r_k of spec 1.2a), trajectories in first-seen order."""
+    traj_order, inverse = _first_seen_inverse(traj_ids)
+    sums = np.bincount(inverse, weights=scores, minlength=len(traj_order))
+    return sums / np.bincount(inverse, minlength=len(traj_order))
 
 
 def _first_seen_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -232,10 +217,11 @@ class SelfImitation:
     def _push_baseline(self, step: int, batch: SILBatch) -> None:
         if len(batch) == 0:
             return
-        traj_means, group_means, group_stds = group_baseline_stats(
-            batch.scores, batch.group_ids, batch.traj_ids
-        )
-        values = group_means if self.replay.baseline_unit == "group_mean" else traj_means
+        _, group_means, group_stds = group_score_stats(batch.scores, batch.group_ids, batch.traj_ids)
+        if self.replay.baseline_unit == "group_mean":
+            values = group_means
+        else:
+            values = trajectory_mean_scores(batch.scores, batch.traj_ids)
         self.mean_window.push(step, values)
         self.std_window.push(step, group_stds)
 
