@@ -1,0 +1,666 @@
+"""Plain-numpy reference for the replay index contract (docs/replay_index_spec.md).
+
+``NumpyReplayIndex`` and ``NumpyBaselineWindow`` have the API of the C++ classes in
+``spear_engine._replay_index``, make the same draws and write the same bytes. They are the test
+oracle and the benchmark baseline, so they are written the obvious way: live rows as numpy columns
+in row-id order, their data as flat arrays in the same order (rebuilt on every removal), draws
+that recompute a cumsum of the remaining weights for every pick, percentiles via np.percentile.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import struct
+import zlib
+from collections import deque
+
+import numpy as np
+
+from spear_engine.replay.rng import MASK64, Xoshiro256StarStar
+
+_FORMAT_VERSION = 1
+_INDEX_MAGIC = b"SPEARRIX"
+_BASELINE_MAGIC = b"SPEARBLW"
+# magic, version, eviction, total bytes, capacity_rows, seed, segment_tokens, next_row_id,
+# rng state (4 words), n_rows, n_tokens
+_INDEX_HEADER = struct.Struct("<8sIIQqQqq4QQQ")
+# magic, version, eviction, total bytes, capacity, n_values, n_entries
+_BASELINE_HEADER = struct.Struct("<8sIIQQQQ")
+_CHECKSUM = struct.Struct("<I")
+
+_META_COLUMNS = (
+    ("row_id", np.int64),
+    ("step", np.int64),
+    ("group_id", np.int64),
+    ("traj_id", np.int64),
+    ("score", np.float64),
+    ("advantage", np.float64),
+    ("length", np.int32),
+)
+_DATA_COLUMNS = (("tokens", np.int32), ("logp", np.float32), ("mask", np.uint8))
+_ROW_METADATA_BYTES = 6 * 8 + 4
+_TOKEN_BYTES = 4 + 4 + 1
+
+_EVICTIONS = ("oldest", "lowest_score")
+_BASELINE_EVICTIONS = ("value", "step_entries")
+_WEIGHTINGS = ("uniform", "score")
+_MAX_SCORE_UNITS = 2.0**20  # (score - score_floor) is clamped to this
+_WEIGHT_SCALE = 2.0**20  # integer weight units per score unit
+_MAX_TOTAL_WEIGHT = 1 << 63
+_MAX_SEGMENT_TOKENS = 2**31 - 1
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks (the same rules and exception types as csrc/bindings.cpp)
+
+
+def _describe(a: np.ndarray) -> str:
+    return f"dtype {a.dtype} and shape {a.shape}"
+
+
+def _exact_1d(x, name: str, dtype) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype != np.dtype(dtype) or a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D {np.dtype(dtype).name} array, got {_describe(a)}")
+    return a
+
+
+def _int64_1d(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1 or not (a.dtype.kind in "iu" or a.size == 0):
+        raise ValueError(f"{name} must be a 1-D integer array, got {_describe(a)}")
+    return a.astype(np.int64, copy=False)
+
+
+def _float64_1d(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1 or not (a.dtype.kind in "fiu" or a.size == 0):
+        raise ValueError(f"{name} must be a 1-D real array, got {_describe(a)}")
+    return a.astype(np.float64, copy=False)
+
+
+def _require_length(a: np.ndarray, n: int, name: str) -> None:
+    if a.size != n:
+        raise ValueError(f"{name} must have one entry per row ({n}), got {a.size}")
+
+
+def _to_seed(seed) -> int:
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = -1
+    if not 0 <= value <= MASK64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return value
+
+
+def _row_not_found(row_id: int) -> KeyError:
+    return KeyError(f"row id {row_id} is not in the replay index (never inserted, evicted or removed)")
+
+
+# ---------------------------------------------------------------------------------------------
+# byte format helpers
+
+
+def _as_byte_buffer(data) -> memoryview:
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
+        raise ValueError("from_bytes expects bytes (a contiguous byte buffer)")
+    return view
+
+
+def _check_magic_version_size(what: str, buf: memoryview, magic: bytes, header_bytes: int) -> None:
+    minimum = header_bytes + _CHECKSUM.size
+    if len(buf) < minimum:
+        raise ValueError(
+            f"{what} bytes are truncated: got {len(buf)} bytes, the header and checksum alone take {minimum}"
+        )
+    if bytes(buf[:8]) != magic:
+        raise ValueError(f"{what} bytes do not start with the magic {magic.decode()!r}")
+    (version,) = struct.unpack_from("<I", buf, 8)
+    if version != _FORMAT_VERSION:
+        raise ValueError(
+            f"{what} format version {version} is not supported (this build reads version {_FORMAT_VERSION})"
+        )
+    (declared,) = struct.unpack_from("<Q", buf, 16)
+    if declared != len(buf):
+        raise ValueError(
+            f"{what} bytes are truncated or padded: the header declares {declared} bytes, got {len(buf)}"
+        )
+
+
+def _check_checksum(what: str, buf: memoryview) -> None:
+    (stored,) = _CHECKSUM.unpack_from(buf, len(buf) - _CHECKSUM.size)
+    computed = zlib.crc32(buf[: len(buf) - _CHECKSUM.size])
+    if stored != computed:
+        raise ValueError(f"{what} bytes are corrupted: CRC32 mismatch (stored {stored}, computed {computed})")
+
+
+def _with_checksum(parts: list[bytes]) -> bytes:
+    body = b"".join(parts)
+    return body + _CHECKSUM.pack(zlib.crc32(body))
+
+
+class _Columns:
+    """Reads consecutive little-endian arrays out of a byte buffer (copies, so the input can go)."""
+
+    def __init__(self, buf: memoryview, offset: int) -> None:
+        self._buf = buf
+        self._offset = offset
+
+    def take(self, dtype, count: int) -> np.ndarray:
+        array = np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._offset).copy()
+        self._offset += array.nbytes
+        return array
+
+
+def _score_weights(scores: np.ndarray, score_floor: float) -> np.ndarray:
+    units = np.minimum(np.maximum(scores - score_floor, 0.0), _MAX_SCORE_UNITS)
+    return np.floor(units * _WEIGHT_SCALE).astype(np.uint64)
+
+
+def _exact_total(weights: np.ndarray) -> int:
+    # Each weight is <= 2**40, so chunks of 2**23 sum in uint64 without wrapping.
+    chunk = 1 << 23
+    return sum(int(weights[i : i + chunk].sum()) for i in range(0, len(weights), chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# NumpyReplayIndex
+
+
+class NumpyReplayIndex:
+    """The replay index contract in plain numpy (test oracle and benchmark baseline)."""
+
+    def __init__(
+        self, capacity_rows: int = 0, eviction: str = "oldest", seed: int = 0, segment_tokens: int = 1 << 20
+    ):
+        if eviction not in _EVICTIONS:
+            raise ValueError(f"eviction must be 'oldest' or 'lowest_score', got {eviction!r}")
+        seed = _to_seed(seed)
+        if capacity_rows < 0:
+            raise ValueError(f"capacity_rows must be >= 0 (0 means unlimited), got {capacity_rows}")
+        if not 1 <= segment_tokens <= _MAX_SEGMENT_TOKENS:
+            raise ValueError(f"segment_tokens must be in [1, 2**31 - 1], got {segment_tokens}")
+        self._capacity_rows = int(capacity_rows)
+        self._eviction = eviction
+        self._seed = seed
+        self._segment_tokens = int(segment_tokens)  # part of the state only; there is no arena here
+        self._next_row_id = 0
+        self._rng = Xoshiro256StarStar(seed)
+        self._set_rows(
+            {name: np.empty(0, dtype) for name, dtype in _META_COLUMNS},
+            {name: np.empty(0, dtype) for name, dtype in _DATA_COLUMNS},
+        )
+
+    # -- state ------------------------------------------------------------------------------
+    def _set_rows(
+        self, meta: dict[str, np.ndarray], data: dict[str, np.ndarray], keep: np.ndarray | None = None
+    ):
+        """Install the live rows (optionally only those where keep is True); data is never edited in place."""
+        if keep is not None and not keep.all():
+            token_keep = np.repeat(keep, meta["length"])
+            meta = {name: column[keep] for name, column in meta.items()}
+            data = {name: column[token_keep] for name, column in data.items()}
+        self._meta = meta
+        self._data = data
+        lengths = meta["length"].astype(np.int64)
+        self._starts = np.cumsum(lengths) - lengths
+
+    def _position(self, row_id: int) -> int:
+        ids = self._meta["row_id"]
+        i = int(np.searchsorted(ids, row_id))
+        if i < len(ids) and ids[i] == row_id:
+            return i
+        raise _row_not_found(row_id)
+
+    def __len__(self) -> int:
+        return len(self._meta["row_id"])
+
+    def __repr__(self) -> str:
+        return (
+            f"NumpyReplayIndex(rows={len(self)}, tokens={self.num_tokens}, capacity_rows={self._capacity_rows}, "
+            f"eviction={self._eviction!r}, seed={self._seed}, segment_tokens={self._segment_tokens})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._data["tokens"])
+
+    @property
+    def capacity_rows(self) -> int:
+        return self._capacity_rows
+
+    @property
+    def eviction(self) -> str:
+        return self._eviction
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def segment_tokens(self) -> int:
+        return self._segment_tokens
+
+    @property
+    def next_row_id(self) -> int:
+        return self._next_row_id
+
+    def row_ids(self) -> np.ndarray:
+        return self._meta["row_id"].copy()
+
+    def metadata(self) -> dict[str, np.ndarray]:
+        return {name: self._meta[name].copy() for name, _ in _META_COLUMNS}
+
+    # -- insertion --------------------------------------------------------------------------
+    def insert_batch(
+        self, tokens, logp, mask, lengths, steps, group_ids, traj_ids, scores, advantages, threshold=-math.inf
+    ) -> np.ndarray:
+        tokens = _exact_1d(tokens, "tokens", np.int32)
+        logp = _exact_1d(logp, "logp", np.float32)
+        mask = _exact_1d(mask, "mask", np.uint8)
+        lengths = _int64_1d(lengths, "lengths")
+        n = len(lengths)
+        steps, group_ids, traj_ids = (
+            _int64_1d(a, name)
+            for a, name in ((steps, "steps"), (group_ids, "group_ids"), (traj_ids, "traj_ids"))
+        )
+        scores = _float64_1d(scores, "scores")
+        advantages = _float64_1d(advantages, "advantages")
+        for array, name in (
+            (steps, "steps"),
+            (group_ids, "group_ids"),
+            (traj_ids, "traj_ids"),
+            (scores, "scores"),
+            (advantages, "advantages"),
+        ):
+            _require_length(array, n, name)
+        if not len(tokens) == len(logp) == len(mask):
+            raise ValueError(
+                f"tokens, logp and mask must have the same length, got {len(tokens)}, {len(logp)} and {len(mask)}"
+            )
+        if n and (lengths.min() < 0 or lengths.max() > _INT32_MAX):
+            raise ValueError("lengths must be >= 0 and fit in int32")
+        if np.isnan(scores).any():
+            raise ValueError("scores must not be NaN")
+        if int(lengths.sum()) != len(tokens):
+            raise ValueError(
+                f"lengths sum to {int(lengths.sum())} but the token arrays hold {len(tokens)} tokens"
+            )
+
+        admitted = advantages > float(threshold)
+        new_ids = self._next_row_id + np.arange(int(admitted.sum()), dtype=np.int64)
+        self._next_row_id += len(new_ids)
+        row_ids = np.full(n, -1, dtype=np.int64)
+        row_ids[admitted] = new_ids
+
+        new_meta = {
+            "row_id": new_ids,
+            "step": steps[admitted],
+            "group_id": group_ids[admitted],
+            "traj_id": traj_ids[admitted],
+            "score": scores[admitted],
+            "advantage": advantages[admitted],
+            "length": lengths[admitted].astype(np.int32),
+        }
+        token_admitted = np.repeat(admitted, lengths)
+        new_data = {
+            "tokens": tokens[token_admitted],
+            "logp": logp[token_admitted],
+            "mask": mask[token_admitted],
+        }
+        n_old = len(self)
+        meta = {name: np.concatenate((self._meta[name], new_meta[name])) for name, _ in _META_COLUMNS}
+        data = {name: np.concatenate((self._data[name], new_data[name])) for name, _ in _DATA_COLUMNS}
+        self._set_rows(meta, data, self._survivors(meta["score"], n_old))
+        return row_ids
+
+    def _survivors(self, scores: np.ndarray, n_old: int) -> np.ndarray:
+        """Which of (old live rows + new rows, in id order) are live once every new row is in."""
+        total = len(scores)
+        capacity = self._capacity_rows
+        keep = np.ones(total, dtype=bool)
+        if capacity == 0 or total <= capacity:
+            return keep
+        if self._eviction == "oldest":
+            keep[: total - capacity] = False  # each new row evicts the smallest live row id
+            return keep
+        # lowest_score: each new row, once the index is full, first evicts the live row with the
+        # smallest (score, row id); argmin returns the first minimum, i.e. the smallest id.
+        keep[n_old:] = False
+        live = n_old
+        for i in range(n_old, total):
+            if live == capacity:
+                candidates = np.flatnonzero(keep)
+                keep[candidates[np.argmin(scores[candidates])]] = False
+                live -= 1
+            keep[i] = True
+            live += 1
+        return keep
+
+    # -- row data ---------------------------------------------------------------------------
+    def _row_view(self, column: str, row_id: int) -> np.ndarray:
+        i = self._position(row_id)
+        start = int(self._starts[i])
+        view = self._data[column][start : start + int(self._meta["length"][i])]
+        view.flags.writeable = False
+        return view
+
+    def tokens(self, row_id: int) -> np.ndarray:
+        return self._row_view("tokens", row_id)
+
+    def logp(self, row_id: int) -> np.ndarray:
+        return self._row_view("logp", row_id)
+
+    def mask(self, row_id: int) -> np.ndarray:
+        return self._row_view("mask", row_id)
+
+    def gather(self, row_ids, pad_token: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if not _INT32_MIN <= pad_token <= _INT32_MAX:
+            raise ValueError(f"pad_token must fit in int32, got {pad_token}")
+        ids = _int64_1d(row_ids, "row_ids")
+        positions = np.array([self._position(int(r)) for r in ids], dtype=np.int64)
+        lengths = self._meta["length"][positions].astype(np.int32)
+        width = int(lengths.max()) if len(lengths) else 0
+        tokens = np.full((len(ids), width), pad_token, dtype=np.int32)
+        logp = np.zeros((len(ids), width), dtype=np.float32)
+        mask = np.zeros((len(ids), width), dtype=np.uint8)
+        for out_row, (position, length) in enumerate(zip(positions, lengths)):
+            start = int(self._starts[position])
+            tokens[out_row, :length] = self._data["tokens"][start : start + length]
+            logp[out_row, :length] = self._data["logp"][start : start + length]
+            mask[out_row, :length] = self._data["mask"][start : start + length]
+        return tokens, logp, mask, lengths
+
+    # -- removal ----------------------------------------------------------------------------
+    def _drop(self, gone: np.ndarray) -> int:
+        count = int(gone.sum())
+        if count:
+            self._set_rows(self._meta, self._data, ~gone)
+        return count
+
+    def remove(self, row_ids) -> int:
+        ids = _int64_1d(row_ids, "row_ids")
+        return self._drop(np.isin(self._meta["row_id"], ids))
+
+    def evict_stale(self, window: int, current_step: int | None = None) -> int:
+        if len(self) == 0:
+            return 0
+        reference = int(current_step) if current_step is not None else int(self._meta["step"].max())
+        cutoff = reference - int(window)  # reference - step > window  <=>  step < cutoff (exact ints)
+        if cutoff <= _INT64_MIN:
+            return 0
+        if cutoff > _INT64_MAX:
+            return self._drop(np.ones(len(self), dtype=bool))
+        return self._drop(self._meta["step"] < cutoff)
+
+    def flush(self) -> None:
+        self._set_rows(
+            {name: np.empty(0, dtype) for name, dtype in _META_COLUMNS},
+            {name: np.empty(0, dtype) for name, dtype in _DATA_COLUMNS},
+        )
+
+    def count_score_above(self, threshold: float) -> int:
+        return int((self._meta["score"] > float(threshold)).sum())
+
+    # -- draws ------------------------------------------------------------------------------
+    def _candidate_positions(self, candidates: np.ndarray) -> np.ndarray:
+        """Positions of the candidates; the first bad one in order decides the error."""
+        ids = self._meta["row_id"]
+        positions = np.minimum(np.searchsorted(ids, candidates), max(len(ids) - 1, 0))
+        found = (ids[positions] == candidates) if len(ids) else np.zeros(len(candidates), dtype=bool)
+        _, first_seen = np.unique(candidates, return_index=True)
+        repeated = np.ones(len(candidates), dtype=bool)
+        repeated[first_seen] = False
+        bad = np.flatnonzero(~found | repeated)
+        if len(bad):
+            i = bad[0]
+            if not found[i]:
+                raise _row_not_found(int(candidates[i]))
+            raise ValueError(f"candidates contain row id {int(candidates[i])} more than once")
+        return positions
+
+    def draw(
+        self, k: int, weighting: str = "uniform", candidates=None, score_floor: float = 0.0
+    ) -> np.ndarray:
+        if weighting not in _WEIGHTINGS:
+            raise ValueError(f"weighting must be 'uniform' or 'score', got {weighting!r}")
+        candidate_ids = None if candidates is None else _int64_1d(candidates, "candidates")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        score_floor = float(score_floor)
+        if not math.isfinite(score_floor):
+            raise ValueError(f"score_floor must be finite, got {score_floor}")
+        if candidate_ids is None:
+            ids, scores = self._meta["row_id"], self._meta["score"]
+        else:
+            positions = self._candidate_positions(candidate_ids)
+            ids, scores = self._meta["row_id"][positions], self._meta["score"][positions]
+        if weighting == "uniform":
+            weights = np.ones(len(ids), dtype=np.uint64)
+        else:
+            weights = _score_weights(scores, score_floor)
+        if _exact_total(weights) >= _MAX_TOTAL_WEIGHT:
+            raise ValueError("the total draw weight reaches 2**63; lower the scores or raise score_floor")
+        picks = []
+        for _ in range(k):
+            cumulative = np.cumsum(weights)
+            total = int(cumulative[-1]) if len(cumulative) else 0
+            if total == 0:
+                break
+            i = int(np.searchsorted(cumulative, self._rng.below(total), side="right"))
+            picks.append(ids[i])
+            weights[i] = 0
+        return np.array(picks, dtype=np.int64)
+
+    # -- bytes ------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        n_rows, n_tokens = len(self), self.num_tokens
+        total = _INDEX_HEADER.size + n_rows * _ROW_METADATA_BYTES + n_tokens * _TOKEN_BYTES + _CHECKSUM.size
+        header = _INDEX_HEADER.pack(
+            _INDEX_MAGIC,
+            _FORMAT_VERSION,
+            _EVICTIONS.index(self._eviction),
+            total,
+            self._capacity_rows,
+            self._seed,
+            self._segment_tokens,
+            self._next_row_id,
+            *self._rng.state,
+            n_rows,
+            n_tokens,
+        )
+        columns = [self._meta[name].astype(dtype, copy=False).tobytes() for name, dtype in _META_COLUMNS]
+        data = [self._data[name].tobytes() for name, _ in _DATA_COLUMNS]
+        return _with_checksum([header, *columns, *data])
+
+    @classmethod
+    def from_bytes(cls, data) -> NumpyReplayIndex:
+        what = "replay index"
+        buf = _as_byte_buffer(data)
+        _check_magic_version_size(what, buf, _INDEX_MAGIC, _INDEX_HEADER.size)
+        fields = _INDEX_HEADER.unpack_from(buf, 0)
+        eviction, capacity_rows, seed, segment_tokens, next_row_id = fields[2], *fields[4:8]
+        rng_state, n_rows, n_tokens = fields[8:12], fields[12], fields[13]
+        body = len(buf) - _INDEX_HEADER.size - _CHECKSUM.size
+        if n_rows * _ROW_METADATA_BYTES + n_tokens * _TOKEN_BYTES != body:
+            raise ValueError(f"{what} bytes are corrupted: the row and token counts do not match the size")
+        _check_checksum(what, buf)
+
+        reader = _Columns(buf, _INDEX_HEADER.size)
+        meta = {name: reader.take(dtype, n_rows) for name, dtype in _META_COLUMNS}
+        problem = (
+            _config_problem(eviction, capacity_rows, segment_tokens)
+            or _lengths_problem(meta["length"], n_tokens)
+            or _rows_problem(meta, capacity_rows, next_row_id, rng_state)
+        )
+        if problem:
+            raise ValueError(f"{what} bytes are inconsistent: {problem}")
+        index = cls(capacity_rows, _EVICTIONS[eviction], seed, segment_tokens)
+        index._next_row_id = next_row_id
+        index._rng = Xoshiro256StarStar.from_state(rng_state)
+        index._set_rows(meta, {name: reader.take(dtype, n_tokens) for name, dtype in _DATA_COLUMNS})
+        return index
+
+
+def _config_problem(eviction: int, capacity_rows: int, segment_tokens: int) -> str:
+    if eviction >= len(_EVICTIONS):
+        return f"unknown eviction code {eviction}"
+    if capacity_rows < 0:
+        return f"negative capacity_rows {capacity_rows}"
+    if not 1 <= segment_tokens <= _MAX_SEGMENT_TOKENS:
+        return f"segment_tokens {segment_tokens} is out of range"
+    return ""
+
+
+def _lengths_problem(lengths: np.ndarray, n_tokens: int) -> str:
+    if len(lengths) and lengths.min() < 0:
+        return f"negative row length {int(lengths.min())}"
+    total = int(lengths.astype(np.int64).sum())
+    if total != n_tokens:
+        return f"row lengths sum to {total} but the header says {n_tokens} tokens"
+    return ""
+
+
+def _rows_problem(meta: dict[str, np.ndarray], capacity_rows: int, next_row_id: int, rng_state) -> str:
+    ids = meta["row_id"]
+    if next_row_id < 0:
+        return f"negative next row id {next_row_id}"
+    if len(ids) and (ids[0] < 0 or ids[-1] >= next_row_id or (np.diff(ids) <= 0).any()):
+        return "row ids must increase strictly within [0, next row id)"
+    if np.isnan(meta["score"]).any():
+        return "a row has a NaN score"
+    if capacity_rows > 0 and len(ids) > capacity_rows:
+        return f"{len(ids)} rows exceed capacity_rows {capacity_rows}"
+    if not any(rng_state):
+        return "the RNG state is all zero"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# NumpyBaselineWindow
+
+
+class NumpyBaselineWindow:
+    """Sliding window of float64 values with np.percentile (test oracle and benchmark baseline)."""
+
+    def __init__(self, capacity: int = 0, eviction: str = "value"):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0 (0 means unlimited), got {capacity}")
+        if eviction not in _BASELINE_EVICTIONS:
+            raise ValueError(f"eviction must be 'value' or 'step_entries', got {eviction!r}")
+        self._capacity = int(capacity)
+        self._eviction = eviction
+        self._values = np.empty(0, dtype=np.float64)
+        self._entries: deque[list[int]] = deque()  # [step, number of its values still in the window]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return (
+            f"NumpyBaselineWindow(values={len(self)}, capacity={self._capacity}, eviction={self._eviction!r})"
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def eviction(self) -> str:
+        return self._eviction
+
+    def values(self) -> np.ndarray:
+        return self._values.copy()
+
+    def clear(self) -> None:
+        self._values = np.empty(0, dtype=np.float64)
+        self._entries.clear()
+
+    def push(self, step: int, values) -> None:
+        values = _float64_1d(values, "values")
+        if np.isnan(values).any():
+            raise ValueError("baseline values must not be NaN")
+        values = values + 0.0  # a copy, with -0.0 turned into +0.0
+        if self._eviction == "step_entries":
+            self._evict_whole_entries()
+        self._entries.append([int(step), len(values)])
+        self._values = np.concatenate((self._values, values))
+        if self._eviction == "value":
+            self._evict_single_values()
+
+    def _evict_whole_entries(self) -> None:
+        """Official SPEAR: before a push, drop the oldest pushes while over capacity."""
+        if self._capacity == 0:
+            return
+        dropped = 0
+        while len(self._values) - dropped > self._capacity and self._entries:
+            dropped += self._entries.popleft()[1]
+        self._values = self._values[dropped:]
+
+    def _evict_single_values(self) -> None:
+        """After a push, drop the oldest values until the window fits."""
+        if self._capacity == 0 or len(self._values) <= self._capacity:
+            return
+        excess = len(self._values) - self._capacity
+        self._values = self._values[excess:]
+        while excess > 0:
+            oldest = self._entries[0]
+            dropped = min(oldest[1], excess)
+            oldest[1] -= dropped
+            excess -= dropped
+            if oldest[1] == 0:
+                self._entries.popleft()
+
+    def percentile(self, q: float) -> float:
+        q = float(q)
+        if not 0.0 <= q / 100 <= 1.0:
+            raise ValueError(f"percentile q must be in [0, 100], got {q!r}")
+        if len(self._values) == 0:
+            raise ValueError("percentile of an empty baseline window")
+        return float(np.percentile(self._values, q))
+
+    def to_bytes(self) -> bytes:
+        n_values, n_entries = len(self._values), len(self._entries)
+        total = _BASELINE_HEADER.size + 8 * n_values + 16 * n_entries + _CHECKSUM.size
+        header = _BASELINE_HEADER.pack(
+            _BASELINE_MAGIC,
+            _FORMAT_VERSION,
+            _BASELINE_EVICTIONS.index(self._eviction),
+            total,
+            self._capacity,
+            n_values,
+            n_entries,
+        )
+        steps = np.array([e[0] for e in self._entries], dtype=np.int64)
+        counts = np.array([e[1] for e in self._entries], dtype=np.uint64)
+        return _with_checksum([header, self._values.tobytes(), steps.tobytes(), counts.tobytes()])
+
+    @classmethod
+    def from_bytes(cls, data) -> NumpyBaselineWindow:
+        what = "baseline window"
+        buf = _as_byte_buffer(data)
+        _check_magic_version_size(what, buf, _BASELINE_MAGIC, _BASELINE_HEADER.size)
+        _, _, eviction, _, capacity, n_values, n_entries = _BASELINE_HEADER.unpack_from(buf, 0)
+        body = len(buf) - _BASELINE_HEADER.size - _CHECKSUM.size
+        if 8 * n_values + 16 * n_entries != body:
+            raise ValueError(f"{what} bytes are corrupted: the value and entry counts do not match the size")
+        _check_checksum(what, buf)
+        reader = _Columns(buf, _BASELINE_HEADER.size)
+        values = reader.take(np.float64, n_values)
+        steps = reader.take(np.int64, n_entries)
+        counts = reader.take(np.uint64, n_entries)
+        if eviction >= len(_BASELINE_EVICTIONS):
+            raise ValueError(f"{what} bytes hold an unknown eviction code {eviction}")
+        if sum(int(c) for c in counts) != n_values:
+            raise ValueError(f"{what} bytes are inconsistent: entry counts do not sum to the values")
+        if np.isnan(values).any() or (np.signbit(values) & (values == 0.0)).any():
+            raise ValueError(f"{what} bytes hold a NaN or -0.0 value")
+        window = cls(capacity, _BASELINE_EVICTIONS[eviction])
+        window._values = values
+        window._entries = deque([int(s), int(c)] for s, c in zip(steps, counts))
+        return window
