@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from spear_engine.algorithms.kernel_dispatch import kernel_policy_loss, use_kernels
 from spear_engine.algorithms.token_ops import entropy_from_logits, masked_mean, masked_sum
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
@@ -294,6 +295,11 @@ def compute_policy_loss_vanilla(
         raise ValueError("compute_policy_loss_vanilla needs a config (clip_ratio*)")
     eps_low, eps_high = _clip_ranges(config)
     clip_c = _clip_ratio_c(config)
+    if use_kernels(log_prob):
+        return kernel_policy_loss(
+            "vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            rollout_is_weights, clip_ratio_low=eps_low, clip_ratio_high=eps_high, clip_ratio_c=clip_c,
+        )  # fmt: skip
 
     log_ratio = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
@@ -371,6 +377,12 @@ def compute_policy_loss_clip_cov(
     if not ratio_c > 0:
         raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio_c}")
     eps_low, eps_high = _clip_ranges(config)
+    if use_kernels(log_prob):
+        return kernel_policy_loss(
+            "clip_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            rollout_is_weights, clip_ratio_low=eps_low, clip_ratio_high=eps_high, clip_cov_ratio=ratio_c,
+            clip_cov_lb=lower, clip_cov_ub=upper,
+        )  # fmt: skip
 
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
@@ -426,6 +438,11 @@ def compute_policy_loss_kl_cov(
     beta = _or(_attr(section, "ppo_kl_coef"), PPO_KL_COEF_FALLBACK)
     if not ratio_k > 0:
         raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio_k}")
+    if use_kernels(log_prob):
+        return kernel_policy_loss(
+            "kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            rollout_is_weights, kl_cov_ratio=ratio_k, ppo_kl_coef=beta,
+        )  # fmt: skip
 
     log_ratio = log_prob - old_log_prob
     abs_log_ratio = log_ratio.abs()
@@ -450,7 +467,11 @@ def compute_policy_loss_gpg(
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """GPG (spec 3.2): ``-A logp``, no ratio and no clipping; no metrics (``{}`` as verl 0.9)."""
-    del old_log_prob
+    if use_kernels(log_prob):
+        return kernel_policy_loss(
+            "gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            rollout_is_weights,
+        )  # fmt: skip
     pg_losses = -log_prob * advantages
     return _aggregate(pg_losses, response_mask, loss_agg_mode, config, rollout_is_weights), {}
 

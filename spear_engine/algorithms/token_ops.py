@@ -1,15 +1,17 @@
 """Token-level tensor primitives: masked reductions, log-probs and entropy from logits.
 
 Names, arguments and results follow ``verl.utils.torch_functional`` (verl 0.9.1) so that code written
-against verl reads the same here. ``logprobs_from_logits`` and ``entropy_from_logits`` are the seam
-where a later change dispatches CUDA tensors to the Triton kernels of ``spear_kernels``; this module
-holds the CPU path: fp32 (or wider) math over chunks of rows, with a hand-written backward that
+against verl reads the same here. ``logprobs_from_logits`` and ``entropy_from_logits`` dispatch CUDA
+tensors to the Triton kernels of ``spear_kernels`` (:mod:`~spear_engine.algorithms.kernel_dispatch`);
+this module holds the CPU path: fp32 (or wider) math over chunks of rows, with a hand-written backward that
 recomputes the softmax per chunk, so neither pass keeps a full-size fp32 copy of the logits alive.
 """
 
 from __future__ import annotations
 
 import torch
+
+from spear_engine.algorithms.kernel_dispatch import kernel_logprob_entropy, use_kernels
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 """Logit elements per chunk when ``chunk_size`` is not given (64 MiB of fp32): bounds the
@@ -148,6 +150,9 @@ def logprobs_from_logits(
             the fp32 precision of bf16 logits (verl computes bf16 log-softmax in bf16).
     """
     del inplace_backward
+    if use_kernels(logits):
+        logp, _ = kernel_logprob_entropy(logits, labels)
+        return logp.to(out_dtype or logits.dtype)
     lead = logits.shape[:-1]
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
@@ -169,6 +174,9 @@ def entropy_from_logits(
     Differentiable (the entropy bonus trains through it). ``chunk_size``/``out_dtype`` as in
     :func:`logprobs_from_logits`.
     """
+    if use_kernels(logits):
+        _, entropy = kernel_logprob_entropy(logits, torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device))
+        return entropy.to(out_dtype or logits.dtype)
     lead = logits.shape[:-1]
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU check of spear_kernels: interpreter test-suite, CUDA correctness vs the oracles, then timing.
+# Run from the repository root on the GPU machine (torch + triton there, no network):
+#   pip install --no-deps --no-build-isolation -e .   # once
+#   OUT=/some/dir bash bench/gpu_check.sh
+# Logs go to $OUT; the short table is printed last. Liger-Kernel is optional: a pure-Python wheel in
+# bench/wheels/ is installed with --no-deps if present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+status=0
+
+for whl in bench/wheels/liger_kernel-*.whl; do
+  [ -e "$whl" ] && python -m pip install --no-deps --no-index -q "$whl" >"$OUT/pip_liger.log" 2>&1 \
+    && echo "installed $(basename "$whl")" || true
+done
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/env.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/env.log" 2>&1 || true
+
+echo "== 1/3 interpreter test-suite (CPU tensors, TRITON_INTERPRET=1)"
+TRITON_INTERPRET=1 timeout 900 python -m pytest -q -p no:cacheprovider tests/kernels >"$OUT/pytest.log" 2>&1
+rc=$?; tail -n 3 "$OUT/pytest.log"; [ $rc -eq 0 ] || status=1
+
+echo "== 2/3 CUDA correctness vs oracles"
+TRITON_INTERPRET=0 timeout 900 python bench/gpu_bench.py --check >"$OUT/check.log" 2>&1
+rc=$?; grep -E "FAIL|check:" "$OUT/check.log"; [ $rc -eq 0 ] || status=1
+
+echo "== 3/3 timing (bf16)"
+TRITON_INTERPRET=0 timeout 1800 python bench/gpu_bench.py --out "$OUT" ${GPU_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 || status=1
+tail -n 5 "$OUT/bench.log" | grep -v "^|" || true
+echo
+cat "$OUT/gpu_bench.md" 2>/dev/null || echo "(no table: see $OUT/bench.log)"
+exit $status

@@ -1,0 +1,528 @@
+"""Fused lm_head + log-prob + entropy: from hidden X [N, H] and weight W [V, H], no [N, V] logits.
+
+Why: at N = 16k tokens and V = 150k the logits alone are 5 GB in bf16, plus 10 GB of fp32 temporaries
+in an unfused pipeline. Here logits exist one token chunk (CPU) or one register tile (Triton) at a time.
+
+Two contracts (see shared/reference/kernel_anchors.md §1, §9):
+
+* ``linear_logprob_entropy`` — generic op, any upstream gradients for logp and entropy. The forward
+  keeps only (lse, entropy) per token; the backward recomputes the logits (8·N·H·V in all).
+* ``linear_logprob_entropy_with_grad`` — the loss-fused variant: a ``grad_fn`` turns each chunk's
+  (logp, entropy) into (dL/dlogp, dL/dH) while the chunk's logits are still live, so the backward runs
+  inside the forward and costs nothing more than its two GEMMs (6·N·H·V). Used by
+  ``fused_linear_policy_loss``.
+
+Traps avoided: W is streamed once per large token chunk (never per small one); dW is accumulated in
+fp32 across chunks (one final cast), and on the Triton recompute path it is written exactly once per
+vocabulary slice (vocab-outer loop, the GEMM reduces over all tokens); no fp32 atomics.
+
+CPU (torch) design: per token chunk one GEMM writes the chunk's logits, then a loop over row blocks
+small enough to stay in cache computes the statistics and turns the logits into dZ *in place*, then two
+GEMMs give dX (written once) and dW (``addmm_`` into the fp32 accumulator). Extra memory: one logits
+chunk + the fp32 dW accumulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .logprob_entropy import torch_row_grad_, torch_row_stats_, triton_row_grad
+from .utils import HAS_TRITON, Backend, check_float, interpreting, use_triton
+
+GradFn = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""grad_fn(start, end, logp, entropy) -> (dL/dlogp, dL/dentropy) for flattened tokens [start, end)."""
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _linear_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, labels_ptr, pm_ptr, ps_ptr, pt_ptr, pzy_ptr, z_ptr,
+        N, V, H, stride_xm, stride_wn, stride_z, n_splits, split_v, inv_t,
+        HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Grid (token tiles, vocab splits). Each program owns BLOCK_M tokens x one vocab split: tile GEMM
+        over H in fp32, then folds the tile into online (max, Σexp, Σexp·(z−max), target logit). Writes
+        one partial per (token, split); a tiny torch merge combines the splits. Optionally stores the fp32
+        logits tile (the loss-fused 6NHV path)."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        labels = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        m = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+        s = tl.zeros((BLOCK_M,), tl.float32)
+        t = tl.zeros((BLOCK_M,), tl.float32)
+        zy = tl.zeros((BLOCK_M,), tl.float32)
+        v_lo = pid_s * split_v
+        v_hi = tl.minimum(v_lo + split_v, V)
+        ks0 = tl.arange(0, BLOCK_K)
+        for n0 in range(v_lo, v_hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < v_hi
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + ks0
+                kmask = ks < H
+                xa = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :],
+                             mask=rmask[:, None] & kmask[None, :], other=0.0)
+                wb = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :],
+                             mask=cmask[:, None] & kmask[None, :], other=0.0)
+                if IEEE:  # fp32 inputs (no TF32), and the interpreter, whose half-precision dot is wrong
+                    acc = tl.dot(xa.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xa, tl.trans(wb), acc)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            z = acc * inv_t
+            if STORE_Z:
+                tl.store(z_ptr + rows64[:, None] * stride_z + cols[None, :], z,
+                         mask=rmask[:, None] & cmask[None, :])
+            z = tl.where(cmask[None, :], z, float("-inf"))
+            bm = tl.max(z, 1)
+            d = tl.where(cmask[None, :], z - bm[:, None], 0.0)
+            e = tl.where(cmask[None, :], tl.exp(d), 0.0)
+            bs = tl.sum(e, 1)
+            bt = tl.sum(e * d, 1)
+            zy += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
+            new_m = tl.maximum(m, bm)
+            a1 = tl.exp(m - new_m)
+            a2 = tl.exp(bm - new_m)
+            t = a1 * (t + (m - new_m) * s) + a2 * (bt + (bm - new_m) * bs)
+            s = a1 * s + a2 * bs
+            m = new_m
+        out = rows64 * n_splits + pid_s
+        tl.store(pm_ptr + out, m, mask=rmask)
+        tl.store(ps_ptr + out, s, mask=rmask)
+        tl.store(pt_ptr + out, t, mask=rmask)
+        tl.store(pzy_ptr + out, zy, mask=rmask)
+
+    @triton.jit
+    def _linear_dz_kernel(
+        x_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, dz_ptr,
+        N, V, H, v0, vc, stride_xm, stride_wn, stride_dz, inv_t,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Grid (token tiles, column tiles of the vocab slice [v0, v0 + vc)): recompute the logits tile and
+        write dZ = dL/dlogits (already divided by T) in dz's dtype into a [N, vc] workspace."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        lcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = v0 + lcols
+        cmask = (lcols < vc) & (cols < V)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < H
+            xa = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wb = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :],
+                         mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(xa.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, tl.trans(wb), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        labels = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
+        g_lp = tl.load(glp_ptr + rows, mask=rmask, other=0.0)
+        g_h = tl.load(gh_ptr + rows, mask=rmask, other=0.0)
+        g_lp = tl.where((labels >= 0) & (labels < V), g_lp, 0.0)
+        logp = acc * inv_t - lse[:, None]
+        p = tl.exp(logp)
+        dz = p * (-g_h[:, None] * (logp + ent[:, None]) - g_lp[:, None])
+        dz += tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0)
+        tl.store(dz_ptr + rows64[:, None] * stride_dz + lcols[None, :], (dz * inv_t).to(dz_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+
+def _tiles(dtype: torch.dtype) -> tuple[int, int, int]:
+    if interpreting():  # few, large programs: each interpreted step costs the same whatever its size
+        return 64, 256, 64
+    return (64, 128, 64) if dtype == torch.float32 else (128, 128, 64)
+
+
+def _merge_partials(pm, ps, pt, pzy, labels, v):
+    """Combine per-split online-softmax partials into (logp, entropy, lse)."""
+    mx = pm.amax(1, keepdim=True)
+    a = torch.exp(pm - mx)
+    s = (ps * a).sum(1)
+    t = (a * (pt + (pm - mx) * ps)).sum(1)
+    log_s = torch.log(s)
+    lse = mx.squeeze(1) + log_s
+    ok = (labels >= 0) & (labels < v)
+    logp = torch.where(ok, pzy.sum(1) - lse, torch.zeros_like(lse))
+    return logp, log_s - t / s, lse
+
+
+def _triton_stats(x, w, b, labels, inv_t, z_out=None):
+    """(logp, entropy, lse) of rows of x; with ``z_out`` [n, V] fp32 also stores logits / T there."""
+    n, h = x.shape
+    v = w.shape[0]
+    bm, bn, bk = _tiles(x.dtype)
+    split_v = bn * max(1, (2048 if not interpreting() else 4096) // bn)
+    n_splits = triton.cdiv(v, split_v)
+    part = torch.empty(4, n, n_splits, device=x.device, dtype=torch.float32)
+    if n:
+        grid = (triton.cdiv(n, bm), n_splits)
+        _linear_fwd_kernel[grid](
+            x, w, b if b is not None else x, labels, part[0], part[1], part[2], part[3],
+            z_out if z_out is not None else part, n, v, h, x.stride(0), w.stride(0),
+            z_out.stride(0) if z_out is not None else 0, n_splits, split_v, inv_t,
+            HAS_BIAS=b is not None, STORE_Z=z_out is not None, IEEE=x.dtype == torch.float32 or interpreting(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3,
+        )
+    return _merge_partials(part[0], part[1], part[2], part[3], labels, v)
+
+
+_OUT_DTYPE_MM: bool | None = None
+
+
+def _mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc32 += a @ b with fp32 accumulation, for fp32 or half inputs, without an fp32 copy of a or b."""
+    global _OUT_DTYPE_MM
+    if a.dtype == torch.float32:
+        acc32.addmm_(a, b)
+        return
+    if _OUT_DTYPE_MM is not False and a.is_cuda:
+        try:  # torch >= 2.8 on CUDA: bf16 GEMM with fp32 output, accumulated into acc32 by the GEMM itself
+            torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
+            _OUT_DTYPE_MM = True
+            return
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            _OUT_DTYPE_MM = False
+    acc32.add_(a @ b)  # one rounding of the chunk's partial product, fp32 sum across chunks
+
+
+def _default_chunk(n: int, v: int, itemsize: int, budget: int) -> int:
+    return max(1, min(n, budget // max(1, v * itemsize)))
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU / torch path
+
+
+def _torch_chunk_logits(xc, w, b, inv_t, zbuf):
+    """Logits / T of one token chunk into zbuf (fp32 for fp32 weights, the weight dtype otherwise)."""
+    c = xc.shape[0]
+    z = zbuf[:c]
+    if b is None:
+        torch.mm(xc, w.t(), out=z)
+        if inv_t != 1.0 and z.dtype == torch.float32:
+            z.mul_(inv_t)
+    else:
+        torch.addmm(b, xc, w.t(), out=z)
+        if inv_t != 1.0 and z.dtype == torch.float32:
+            z.mul_(inv_t)
+    return z
+
+
+def _exact_target_logits(xc, w, b, labels, inv_t):
+    """fp32 target logit (the bf16 GEMM rounds the logits; the target term of logp must not be)."""
+    v = w.shape[0]
+    ok = (labels >= 0) & (labels < v)
+    safe = torch.where(ok, labels, torch.zeros_like(labels)).long()
+    zy = torch.linalg.vecdot(xc.float(), w[safe].float())
+    if b is not None:
+        zy = zy + b[safe].float()
+    return zy * inv_t
+
+
+ROW_BLOCK_BYTES = 4 << 20
+"""fp32 bytes of logits per row block of the CPU epilogue: small enough to stay in cache, large enough
+that each torch op amortises its thread-pool dispatch (on a busy 2-core VM that costs ~1 ms an op)."""
+
+
+def _row_block(v: int) -> int:
+    return max(1, ROW_BLOCK_BYTES // (4 * v)) if v else 1
+
+
+def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want_grad=True):
+    """The CPU chunk loop shared by the three uses.
+
+    * stats only (``grad_fn`` and ``saved`` None): returns (logp, entropy, lse).
+    * loss-fused (``grad_fn``): stats and dZ from the same live logits, returns also dX, dW, db.
+    * recompute backward (``saved`` = (lse, entropy, g_lp, g_H)): returns dX, dW, db.
+    """
+    n, h = x.shape
+    v = w.shape[0]
+    half = w.dtype != torch.float32
+    zbuf = torch.empty(min(chunk, n), v, dtype=w.dtype)
+    need_grad = want_grad and (grad_fn is not None or saved is not None)
+    if saved is None:
+        logp = torch.empty(n, dtype=torch.float32)
+        ent = torch.empty(n, dtype=torch.float32)
+        lse = torch.empty(n, dtype=torch.float32)
+    if need_grad:
+        dx = torch.empty_like(x)
+        dw = torch.zeros(v, h, dtype=torch.float32)
+        db = torch.zeros(v, dtype=torch.float32) if b is not None else None
+    rb = _row_block(v)
+    for a in range(0, n, chunk):
+        e_ = min(n, a + chunk)
+        xc = x[a:e_]
+        lab = labels[a:e_]
+        z = _torch_chunk_logits(xc, w, b, inv_t, zbuf)
+        zy = _exact_target_logits(xc, w, b, lab, inv_t) if half and saved is None else None
+        for r in range(0, e_ - a, rb):
+            r2 = min(e_ - a, r + rb)
+            zr = z[r:r2]
+            zf = zr.float() if half else zr
+            if half and inv_t != 1.0:
+                zf.mul_(inv_t)
+            lr = lab[r:r2]
+            if saved is None:
+                lp, en, ls, ex, s, t = torch_row_stats_(zf, lr, None if zy is None else zy[r:r2])
+                logp[a + r : a + r2], ent[a + r : a + r2], lse[a + r : a + r2] = lp, en, ls
+                if grad_fn is None or not need_grad:
+                    continue
+                g_lp, g_h = grad_fn(a + r, a + r2, lp, en)
+            else:
+                s_lse, s_ent, s_glp, s_gh = (u[a + r : a + r2] for u in saved)
+                zf.sub_(s_lse.unsqueeze(1))
+                ex = torch.exp(zf)
+                s, t = torch.ones_like(s_lse), -s_ent
+                g_lp, g_h = s_glp, s_gh
+            torch_row_grad_(zf, ex, s, t, lr, g_lp, g_h, inv_t)
+            if half:
+                zr.copy_(zf)
+        if need_grad:
+            torch.mm(z, w, out=dx[a:e_])
+            if half:
+                dw.add_(z.t() @ xc)
+            else:
+                dw.addmm_(z.t(), xc)
+            if db is not None:
+                db.add_(z.sum(0, dtype=torch.float32))
+    if saved is not None:
+        return dx, dw, db
+    if grad_fn is None or not need_grad:
+        return logp, ent, lse
+    return logp, ent, lse, dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path
+
+
+def _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, inv_t, ws_bytes):
+    """8NHV backward, vocab-outer: per vocab slice, dZ [N, vc] for all tokens → dW slice written once,
+    dX accumulated in fp32 over slices (N·H·4 bytes, far smaller than V·H)."""
+    n, h = x.shape
+    v = w.shape[0]
+    bm, bn, bk = _tiles(x.dtype)
+    vc = max(bn, (ws_bytes // max(1, n * w.element_size())) // bn * bn)
+    vc = min(vc, triton.cdiv(v, bn) * bn)
+    ws = torch.empty(n, vc, dtype=w.dtype, device=x.device)
+    dx32 = torch.zeros(n, h, dtype=torch.float32, device=x.device)
+    dw = torch.empty_like(w)
+    db = torch.empty(v, dtype=torch.float32, device=x.device) if b is not None else None
+    for v0 in range(0, v, vc):
+        v1 = min(v, v0 + vc)
+        dz = ws[:, : v1 - v0]
+        grid = (triton.cdiv(n, bm), triton.cdiv(v1 - v0, bn))
+        _linear_dz_kernel[grid](
+            x, w, b if b is not None else x, labels, lse, ent, g_lp, g_h, dz,
+            n, v, h, v0, v1 - v0, x.stride(0), w.stride(0), dz.stride(0), inv_t,
+            HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32 or interpreting(),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3,
+        )
+        torch.mm(dz.t(), x, out=dw[v0:v1])  # GEMM reduces over all N in fp32, one rounding
+        _mm_acc_(dx32, dz, w[v0:v1])
+        if db is not None:
+            db[v0:v1] = dz.sum(0, dtype=torch.float32)
+    return dx32.to(x.dtype), dw, db
+
+
+def _triton_fused(x, w, b, labels, inv_t, chunk, grad_fn):
+    """6NHV loss-fused pass: per token chunk the stats kernel also stores the fp32 logits, grad_fn gives
+    the per-token upstream gradients, the row kernel turns the stored logits into dZ, two GEMMs follow."""
+    n, h = x.shape
+    v = w.shape[0]
+    zbuf = torch.empty(min(chunk, n), v, dtype=torch.float32, device=x.device)
+    dzbuf = zbuf if w.dtype == torch.float32 else torch.empty(min(chunk, n), v, dtype=w.dtype, device=x.device)
+    logp = torch.empty(n, dtype=torch.float32, device=x.device)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    dx = torch.empty_like(x)
+    dw = torch.zeros(v, h, dtype=torch.float32, device=x.device)
+    db = torch.zeros(v, dtype=torch.float32, device=x.device) if b is not None else None
+    for a in range(0, n, chunk):
+        e_ = min(n, a + chunk)
+        xc, lab = x[a:e_], labels[a:e_]
+        z = zbuf[: e_ - a]
+        lp, en, ls = _triton_stats(xc, w, b, lab, inv_t, z_out=z)
+        logp[a:e_], ent[a:e_], lse[a:e_] = lp, en, ls
+        g_lp, g_h = grad_fn(a, e_, lp, en)
+        dz = dzbuf[: e_ - a]
+        triton_row_grad(z, lab, ls, en, g_lp.float().contiguous(), g_h.float().contiguous(), inv_t, dz, z_scale=1.0)
+        torch.mm(dz, w, out=dx[a:e_])
+        _mm_acc_(dw, dz.t(), xc)
+        if db is not None:
+            db.add_(dz.sum(0, dtype=torch.float32))
+    return logp, ent, lse, dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd + entry points
+
+
+def _prepare(hidden, weight, labels, bias, temperature):
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    x = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    return x, weight.contiguous(), labels.reshape(-1).contiguous(), None if bias is None else bias.contiguous()
+
+
+def _chunk_for(x, w, chunk_size, triton_path):
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    n, v = x.shape[0], w.shape[0]
+    if triton_path:  # fp32 logits + dZ workspace, ~512 MB
+        return _default_chunk(n, v, 4 + (0 if w.dtype == torch.float32 else w.element_size()), 512 << 20)
+    return _default_chunk(n, v, w.element_size(), 128 << 20)
+
+
+class LinearLogprobEntropyFunction(torch.autograd.Function):
+    """Generic op: forward keeps (lse, entropy); backward recomputes logits per chunk / vocab slice."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, labels, temperature, chunk, triton_path):
+        inv_t = 1.0 / temperature
+        if triton_path:
+            logp, ent, lse = _triton_stats(x, w, b, labels, inv_t)
+        else:
+            logp, ent, lse = _torch_pass(x, w, b, labels, inv_t, chunk)
+        ctx.save_for_backward(x, w, b, labels, lse, ent)
+        ctx.inv_t, ctx.chunk, ctx.triton_path = inv_t, chunk, triton_path
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h):
+        x, w, b, labels, lse, ent = ctx.saved_tensors
+        n = x.shape[0]
+        g_lp = torch.zeros(n, device=x.device) if g_lp is None else g_lp.float().contiguous()
+        g_h = torch.zeros(n, device=x.device) if g_h is None else g_h.float().contiguous()
+        if ctx.triton_path:
+            dx, dw, db = _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, ctx.inv_t, 256 << 20)
+        else:
+            dx, dw, db = _torch_pass(x, w, b, labels, ctx.inv_t, ctx.chunk, saved=(lse, ent, g_lp, g_h))
+        return dx, dw.to(w.dtype), None if db is None else db.to(b.dtype), None, None, None, None
+
+
+def linear_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token logp of ``labels`` and entropy of softmax((hidden @ weight.T + bias) / temperature).
+
+    Args:
+        hidden: [..., H] fp32 / bf16 / fp16. weight: [V, H] (lm_head), same dtype. bias: optional [V].
+        labels: [...] target ids; ids outside [0, V) give logp 0 and no logp gradient.
+        chunk_size: tokens per chunk (bounds the live logits to chunk·V); default from a memory budget.
+        backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" or "torch".
+
+    Returns:
+        (logp, entropy): float32 [...], differentiable w.r.t. hidden, weight and bias with arbitrary
+        upstream gradients for both. dW accumulates in fp32. Memory: one chunk of logits, never [N, V].
+    """
+    x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
+    tp = use_triton(x, backend)
+    chunk = _chunk_for(x, w, chunk_size, tp)
+    logp, ent = LinearLogprobEntropyFunction.apply(x, w, b, lab, float(temperature), chunk, tp)
+    return logp.view(labels.shape), ent.view(labels.shape)
+
+
+def linear_logprob_entropy_with_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    grad_fn: GradFn,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+    mode: str = "in_forward",
+):
+    """Forward and backward in one call when the upstream gradients are a per-token function.
+
+    ``grad_fn(start, end, logp, entropy)`` returns (dL/dlogp, dL/dH) for flattened tokens [start, end);
+    it is called while those tokens' logits are live (mode "in_forward", 6·N·H·V), or once for all tokens
+    after a stats pass (mode "recompute", 8·N·H·V but no fp32 dW accumulator on the Triton path).
+
+    Returns (logp, entropy, dX, dW, db) with logp/entropy fp32 [N], dX like hidden ([N, H]), dW [V, H]
+    accumulated in fp32 (returned in fp32, or in the weight dtype on the Triton recompute path where each
+    vocab slice is written once by one fp32-accumulating GEMM), db fp32 [V] or None. Nothing here is
+    tracked by autograd.
+    """
+    x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
+    tp = use_triton(x, backend)
+    chunk = _chunk_for(x, w, chunk_size, tp)
+    inv_t = 1.0 / float(temperature)
+    with torch.no_grad():
+        if mode == "recompute":
+            if tp:
+                logp, ent, lse = _triton_stats(x, w, b, lab, inv_t)
+            else:
+                logp, ent, lse = _torch_pass(x, w, b, lab, inv_t, chunk)
+            g_lp, g_h = grad_fn(0, x.shape[0], logp, ent)
+            g_lp, g_h = g_lp.float().contiguous(), g_h.float().contiguous()
+            if tp:
+                dx, dw, db = _triton_recompute_backward(x, w, b, lab, lse, ent, g_lp, g_h, inv_t, 256 << 20)
+            else:
+                dx, dw, db = _torch_pass(x, w, b, lab, inv_t, chunk, saved=(lse, ent, g_lp, g_h))
+            return logp, ent, dx, dw, db
+        if mode != "in_forward":
+            raise ValueError(f"mode must be 'in_forward' or 'recompute', got {mode!r}")
+        if tp:
+            logp, ent, _lse, dx, dw, db = _triton_fused(x, w, b, lab, inv_t, chunk, grad_fn)
+        else:
+            logp, ent, _lse, dx, dw, db = _torch_pass(x, w, b, lab, inv_t, chunk, grad_fn=grad_fn)
+        return logp, ent, dx, dw, db
+
+
+def linear_logprob_entropy_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward only, no autograd (2·N·H·V): old/ref log-probs, and the stats pass of Clip-Cov/KL-Cov."""
+    x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
+    tp = use_triton(x, backend)
+    chunk = _chunk_for(x, w, chunk_size, tp)
+    with torch.no_grad():
+        if tp:
+            logp, ent, _ = _triton_stats(x, w, b, lab, 1.0 / float(temperature))
+        else:
+            logp, ent, _ = _torch_pass(x, w, b, lab, 1.0 / float(temperature), chunk)
+    return logp.view(labels.shape), ent.view(labels.shape)

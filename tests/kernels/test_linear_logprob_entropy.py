@@ -1,0 +1,136 @@
+import itertools
+
+import pytest
+import torch
+from conftest import BACKENDS, rel_err
+from spear_kernels import (
+    linear_logprob_entropy,
+    linear_logprob_entropy_stats,
+    linear_logprob_entropy_with_grad,
+)
+from spear_kernels.reference import linear_logprob_entropy_ref
+
+# (logp/entropy abs tol, grad rel tol). bf16 on the torch CPU path: the CPU bf16 GEMM rounds the
+# logits to bf16 (as torch eager does); the target logit is recomputed in fp32. Triton keeps fp32 logits.
+TOL = {
+    ("torch", torch.float32): (5e-5, 5e-5),
+    ("triton", torch.float32): (5e-5, 5e-5),
+    ("torch", torch.bfloat16): (6e-2, 3e-2),
+    ("triton", torch.bfloat16): (5e-5, 2e-2),
+}
+N, H, V = 45, 40, 700  # N, V not multiples of any block or chunk
+
+
+def _inputs(dtype, bias, n=N, h=H, v=V):
+    x = torch.randn(n, h).to(dtype)
+    w = (torch.randn(v, h) * 0.4).to(dtype)
+    b = torch.randn(v).to(dtype) if bias else None
+    y = torch.randint(0, v, (n,))
+    y[2] = -100
+    return x, w, b, y
+
+
+def _ref(x, w, b, y, t, gl, gh):
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    br = b.clone().requires_grad_() if b is not None else None
+    lr, hr = linear_logprob_entropy_ref(xr, wr, y, br, t)
+    ((lr * gl).sum() + (hr * gh).sum()).backward()
+    return lr, hr, xr.grad, wr.grad, None if br is None else br.grad
+
+
+def _backend_of(p):
+    return p if isinstance(p, str) else p.values[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bias", "temperature"), [(False, 1.0), (True, 0.7)])
+def test_autograd_matches_oracle(backend, dtype, bias, temperature):
+    x, w, b, y = _inputs(dtype, bias)
+    gl, gh = torch.randn(N), torch.randn(N)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bs = b.clone().requires_grad_() if bias else None
+    lp, h = linear_logprob_entropy(xs, ws, y, bs, temperature, chunk_size=16, backend=backend)
+    ((lp * gl).sum() + (h * gh).sum()).backward()
+    lr, hr, gx, gw, gb = _ref(x, w, b, y, temperature, gl, gh)
+    vt, gt = TOL[(_backend_of(backend), dtype)]
+    assert (lp - lr).abs().max().item() < vt
+    assert (h - hr).abs().max().item() < vt
+    assert xs.grad.dtype == dtype and ws.grad.dtype == dtype
+    assert rel_err(xs.grad, gx) < gt
+    assert rel_err(ws.grad, gw) < gt
+    if bias:
+        assert rel_err(bs.grad, gb) < gt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["in_forward", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_grad_matches_oracle(backend, mode, dtype):
+    x, w, b, y = _inputs(dtype, bias=True)
+    gl, gh = torch.randn(N), torch.randn(N)
+    calls = []
+
+    def grad_fn(i, j, lp, ent):
+        calls.append((i, j))
+        assert lp.shape == ent.shape == (j - i,)
+        return gl[i:j], gh[i:j]
+
+    lp, h, dx, dw, db = linear_logprob_entropy_with_grad(x, w, y, grad_fn, b, 0.9, chunk_size=13,
+                                                         backend=backend, mode=mode)
+    lr, hr, gx, gw, gb = _ref(x, w, b, y, 0.9, gl, gh)
+    vt, gt = TOL[(_backend_of(backend), dtype)]
+    assert (lp - lr).abs().max().item() < vt and (h - hr).abs().max().item() < vt
+    assert dw.dtype in (torch.float32, dtype)  # fp32 accumulation; cast by the caller
+    assert rel_err(dx, gx) < gt and rel_err(dw, gw) < gt and rel_err(db, gb) < gt
+    covered = sorted(calls)
+    assert covered[0][0] == 0 and covered[-1][1] == N
+    assert all(a[1] == b_[0] for a, b_ in itertools.pairwise(covered))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_hidden_no_nan(backend):
+    x, w, _b, y = _inputs(torch.float32, bias=False, n=8, v=300)
+    x[0] *= 1e3  # logits of order ±1e4
+    x[1] = 0.0  # uniform row
+    gl, gh = torch.randn(8), torch.randn(8)
+    lp, h, dx, dw, _ = linear_logprob_entropy_with_grad(x, w, y, lambda i, j, *_: (gl[i:j], gh[i:j]),
+                                                        chunk_size=5, backend=backend)
+    for t in (lp, h, dx, dw):
+        assert torch.isfinite(t).all()
+    lr, hr = linear_logprob_entropy_ref(x.double(), w.double(), y)
+    assert (lp.double() - lr).abs().max().item() < 1e-2  # fp32 logits of 1e4 carry ~1e-3 absolute error
+    assert (h.double() - hr).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_and_leading_dims(backend):
+    x = torch.randn(2, 7, 24)
+    w = torch.randn(333, 24) * 0.3
+    y = torch.randint(0, 333, (2, 7))
+    lp, h = linear_logprob_entropy_stats(x, w, y, temperature=1.5, backend=backend)
+    lr, hr = linear_logprob_entropy_ref(x.reshape(-1, 24), w, y.reshape(-1), None, 1.5)
+    assert lp.shape == (2, 7)
+    torch.testing.assert_close(lp.reshape(-1), lr, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(h.reshape(-1), hr, atol=5e-5, rtol=1e-5)
+
+
+def test_chunked_cpu_path_chunk_sizes_agree():
+    """The CPU chunked path gives the same numbers whatever the chunk size (1 row .. all rows)."""
+    x, w, b, y = _inputs(torch.float32, bias=True)
+    gl, gh = torch.randn(N), torch.randn(N)
+    outs = [
+        linear_logprob_entropy_with_grad(x, w, y, lambda i, j, *_: (gl[i:j], gh[i:j]), b, chunk_size=c,
+                                         backend="torch")
+        for c in (1, 7, N, 1000)
+    ]
+    for o in outs[1:]:
+        for a, r in zip(o, outs[0]):
+            torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-5)
+
+
+def test_rejects_mismatched_dtypes():
+    with pytest.raises(TypeError):
+        linear_logprob_entropy(torch.randn(3, 4), torch.randn(5, 4).bfloat16(), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        linear_logprob_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
