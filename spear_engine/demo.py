@@ -26,6 +26,7 @@ from spear_engine.pipeline import (
     score_and_filter,
     sil_batch,
 )
+from spear_engine.train.backends import TorchBackend
 from spear_engine.train.update import LossRows, update_actor
 
 DEFAULT_RECORDING = Path(__file__).parent / "data" / "demo_rollouts.json.gz"
@@ -94,7 +95,7 @@ def run(config: SpearConfig, steps: int, seed: int = 0, recording: str | Path | 
     rollouts, meta = load_episodes(recording or DEFAULT_RECORDING)
     torch.manual_seed(seed)
     policy = BigramPolicy(int(meta.get("vocab_size", 256)), config.rollout.temperature)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.actor.lr, weight_decay=config.actor.weight_decay)
+    backend = TorchBackend(policy, config.actor.lr, config.actor.weight_decay, config.actor.grad_clip)
     sil = SelfImitation(config.replay, config.algorithm, seed=seed) if config.replay.enable_trajectory_replay else None
     print(f"spear demo: preset {config.preset}, {steps} steps over {len(rollouts)} recorded batches "
           f"({meta.get('source', 'recording')}); toy bigram policy, lr {config.actor.lr:g}")  # fmt: skip
@@ -117,7 +118,7 @@ def run(config: SpearConfig, steps: int, seed: int = 0, recording: str | Path | 
         with torch.no_grad():
             old_log_probs, entropy = policy.token_stats(previous, targets)
         metrics["actor/entropy_loss"] = float(agg_loss(entropy, scored.response_mask, config.actor.loss_agg_mode))
-        metrics["rollout/entropy"] = float(agg_loss(entropy, batch.attention_mask.float(), "token-mean"))
+        metrics["rollout/entropy"] = float(agg_loss(entropy, batch.policy_mask.float(), "token-mean"))
         advantages, m = compute_advantages(config, scored)
         metrics.update(m)
         replay_rows = None
@@ -125,11 +126,11 @@ def run(config: SpearConfig, steps: int, seed: int = 0, recording: str | Path | 
             replay, m = sil.draw(step, on_policy_rows=len(batch))
             metrics.update(m)
             replay_rows = _replay_loss_rows(replay) if replay is not None else None
-        mask = scored.response_mask if config.actor.use_filtered_response_mask else batch.attention_mask.float()
+        mask = scored.response_mask if config.actor.use_filtered_response_mask else batch.policy_mask.float()
         on_policy = LossRows((previous, targets), old_log_probs, advantages.advantages, mask)
         metrics.update(
             update_actor(
-                forward, optimizer, list(policy.parameters()), config.actor, on_policy, replay_rows,
+                forward, backend, config.actor, on_policy, replay_rows,
                 replay_coef=metrics["schedule/replay_coef"], replay_update=config.replay.replay_update,
             )
         )  # fmt: skip

@@ -38,7 +38,7 @@ class ScoredBatch:
     token_level_scores: torch.Tensor
     """[B, L] episode reward + tool bonus at the last response token (before the invalid penalty)."""
     response_mask: torch.Tensor
-    """[B, L] the attention mask with Dr.BoT-flagged rows zeroed (when the filters apply)."""
+    """[B, L] the policy-token mask with Dr.BoT-flagged rows zeroed (when the filters apply)."""
 
 
 def schedule_metrics(config: SpearConfig, step: int) -> dict[str, float]:
@@ -55,10 +55,10 @@ def schedule_metrics(config: SpearConfig, step: int) -> dict[str, float]:
 def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tuple[ScoredBatch, dict[str, float]]:
     """Rewards with the tool-call bonus (spec 4), then the Dr.BoT response filters (spec 5.1)."""
     algo = config.algorithm
-    attention = batch.attention_mask.float()
+    policy_mask = batch.policy_mask.float()
     scores = compute_step_scores(
         batch.episode_rewards,
-        attention,
+        policy_mask,
         step,
         mode=algo.use_toolcall_reward,
         max_steps=algo.max_toolcall_steps,
@@ -70,12 +70,10 @@ def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tup
     )
     filters_apply = config.replay.enable_trajectory_replay or algo.filters_without_replay
     metrics: dict[str, float] = {}
-    response_mask = attention
+    response_mask = policy_mask
     if filters_apply:
-        lengths = batch.attention_mask.sum(-1).tolist()
-        ids = [row[:n] for row, n in zip(batch.responses.tolist(), lengths)]
         flags = compute_response_flags(
-            ids,
+            batch.policy_token_ids(),
             batch.response_texts,
             max_response_len=config.data.max_response_length,
             ngram_n=algo.repetition_ngram,
@@ -88,7 +86,7 @@ def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tup
             "is_unreadable": algo.filter_unreadable_responses,
         }
         response_mask, counts = apply_response_filters(
-            attention, **{k: flags[k] if on else None for k, on in enabled.items()}
+            policy_mask, **{k: flags[k] if on else None for k, on in enabled.items()}
         )
         metrics.update({k: float(v) for k, v in counts.items()})
     return ScoredBatch(batch, scores, response_mask), metrics
@@ -124,15 +122,21 @@ class Advantages:
 
 
 def compute_advantages(config: SpearConfig, scored: ScoredBatch) -> tuple[Advantages, dict[str, float]]:
-    """Invalid-action penalty, then GRPO or GiGPO advantages (spec 6)."""
+    """Invalid-action penalty, then GRPO or GiGPO advantages (spec 6).
+
+    The penalty is ``coef`` per invalid action of the row (a step-sample has 0 or 1; a trajectory row
+    of the trajectory layout pays for each of its invalid turns).
+    """
     algo, batch = config.algorithm, scored.batch
-    attention = batch.attention_mask.float()
+    policy_mask = batch.policy_mask.float()
     step_returns = None
     if algo.adv_estimator == "gigpo":
         step_returns = compute_step_discounted_returns(batch.step_rewards, batch.traj_ids, algo.gamma)
+    valid_weight = 1.0 - batch.invalid_actions.astype(np.float64)  # penalty = coef * (1 - weight)
     rewards, step_returns, metrics = apply_invalid_action_penalty(
-        scored.token_level_scores, attention, batch.action_valid, algo.invalid_action_penalty_coef, step_returns
+        scored.token_level_scores, policy_mask, valid_weight, algo.invalid_action_penalty_coef, step_returns
     )
+    metrics["valid_action_ratio"] = float(batch.action_valid.mean())
     mask = scored.response_mask
     if algo.adv_estimator == "grpo":
         adv, _ = compute_grpo_outcome_advantage(
@@ -169,8 +173,8 @@ def _row_scalar(token_values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
 def sil_batch(scored: ScoredBatch, advantages: Advantages, old_log_probs: torch.Tensor) -> SILBatch:
     """The rows offered to the replay buffer: prompt + response tokens with flag bytes.
 
-    Prompt tokens carry no flag; response tokens carry MASK_ATTENTION, and MASK_RESPONSE when they
-    survived the Dr.BoT filters. ``scores`` are the summed token-level rewards (bonus and penalty in).
+    Prompt (and observation) tokens carry no flag; sampled tokens carry MASK_ATTENTION, and
+    MASK_RESPONSE when they survived the Dr.BoT filters. ``scores`` are the summed token-level rewards (bonus and penalty in).
     """
     batch = scored.batch
     tokens, logp, flags, lengths = [], [], [], []
@@ -180,7 +184,8 @@ def sil_batch(scored: ScoredBatch, advantages: Advantages, old_log_probs: torch.
         response = batch.responses[i][keep]
         tokens.append(torch.cat([prompt, response]))
         logp.append(torch.cat([torch.zeros(len(prompt)), old_log_probs[i][keep].float()]))
-        response_flags = MASK_ATTENTION + MASK_RESPONSE * (scored.response_mask[i][keep] > 0).to(torch.uint8)
+        sampled = batch.policy_mask[i][keep] > 0
+        response_flags = MASK_ATTENTION * sampled + MASK_RESPONSE * (scored.response_mask[i][keep] > 0)
         flags.append(torch.cat([torch.zeros(len(prompt), dtype=torch.uint8), response_flags.to(torch.uint8)]))
         lengths.append(len(prompt) + len(response))
     return SILBatch(

@@ -37,6 +37,30 @@ class TablePolicy(torch.nn.Module):
         return logp_all[tokens], entropy
 
 
+class SGDBackend:
+    """The backend protocol over plain SGD, counting optimizer steps."""
+
+    def __init__(self, module: torch.nn.Module, lr: float) -> None:
+        self.params = list(module.parameters())
+        self.optimizer = torch.optim.SGD(self.params, lr=lr)
+        self.steps = 0
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        loss.backward()
+
+    def step(self) -> tuple[float, bool]:
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, 1e9))
+        ok = bool(np.isfinite(norm))
+        if ok:
+            self.optimizer.step()
+            self.steps += 1
+        self.optimizer.zero_grad()
+        return norm, ok
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad()
+
+
 def actor(**kw) -> ActorConfig:
     base = dict(
         ppo_mini_batch_size=8, ppo_micro_batch_size_per_gpu=2, entropy_coeff=0.0, grad_clip=1e9,
@@ -51,8 +75,7 @@ def grad_after_one_step(config: ActorConfig, rows: LossRows, replay: LossRows | 
     """Run update_actor with SGD(lr=1) and return the total parameter change (= - sum of gradients)."""
     policy = TablePolicy()
     before = policy.logits.detach().clone()
-    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    metrics = update_actor(policy.forward_rows, opt, list(policy.parameters()), config, rows, replay, coef, mode)
+    metrics = update_actor(policy.forward_rows, SGDBackend(policy, 1.0), config, rows, replay, coef, mode)
     return before - policy.logits.detach(), metrics
 
 
@@ -107,21 +130,13 @@ def test_replay_contribution_scales_with_coefficient_and_vanishes_at_zero() -> N
 def test_sequential_replay_takes_extra_optimizer_steps_and_logs_replay_metrics() -> None:
     rows, replay = make_rows(8, 6, seed=5), make_rows(16, 6, seed=6)
     policy = TablePolicy()
-    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-    steps = []
-    original = opt.step
-
-    def counting_step(*a, **k):
-        steps.append(1)
-        return original(*a, **k)
-
-    opt.step = counting_step
-    metrics = update_actor(policy.forward_rows, opt, list(policy.parameters()), actor(), rows, replay, 1.0, "sequential")
-    assert len(steps) == 1 + 2  # one on-policy mini-batch, two replay mini-batches of 8
+    backend = SGDBackend(policy, 0.1)
+    metrics = update_actor(policy.forward_rows, backend, actor(), rows, replay, 1.0, "sequential")
+    assert backend.steps == 1 + 2  # one on-policy mini-batch, two replay mini-batches of 8
     assert "actor/pg_loss_replay" in metrics and "actor/grad_norm_replay" in metrics
-    steps.clear()
-    update_actor(policy.forward_rows, opt, list(policy.parameters()), actor(), rows, replay, 1.0, "joint")
-    assert len(steps) == 1
+    backend.steps = 0
+    update_actor(policy.forward_rows, backend, actor(), rows, replay, 1.0, "joint")
+    assert backend.steps == 1
 
 
 def test_non_finite_gradient_skips_the_step_and_leaves_parameters() -> None:
@@ -130,7 +145,6 @@ def test_non_finite_gradient_skips_the_step_and_leaves_parameters() -> None:
     rows.loss_mask[1, :] = 1.0
     policy = TablePolicy()
     before = policy.logits.detach().clone()
-    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    metrics = update_actor(policy.forward_rows, opt, list(policy.parameters()), actor(), rows)
+    metrics = update_actor(policy.forward_rows, SGDBackend(policy, 1.0), actor(), rows)
     assert metrics["actor/skipped_steps"] == 1.0
     torch.testing.assert_close(policy.logits.detach(), before)

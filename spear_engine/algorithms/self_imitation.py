@@ -187,13 +187,23 @@ class SelfImitation:
     # -------------------------------------------------------------------------------------------
     # after the actor update of step t
     # -------------------------------------------------------------------------------------------
-    def update(self, step: int, batch: SILBatch) -> dict[str, float]:
-        """Staleness sweep, baseline statistics, admission (official order, spec 1.2)."""
+    def update(
+        self, step: int, batch: SILBatch, baseline: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> dict[str, float]:
+        """Staleness sweep, baseline statistics, admission (official order, spec 1.2).
+
+        ``baseline``: the (values, group stds) to push instead of this batch's own
+        (:meth:`baseline_statistics`) - a multi-rank trainer passes every rank's, gathered, so the
+        baseline windows of all ranks stay identical.
+        """
         if self.replay.staleness_anchor == "newest_row":
             self.index.evict_stale(self.tolerate_steps)
         else:
             self.index.evict_stale(self.tolerate_steps, current_step=step)
-        self._push_baseline(step, batch)
+        values, stds = baseline if baseline is not None else self.baseline_statistics(batch)
+        if len(values):
+            self.mean_window.push(step, values)
+            self.std_window.push(step, stds)
         admitted = self._admission_values(batch)
         ids = self.index.insert_batch(
             batch.tokens,
@@ -214,16 +224,14 @@ class SelfImitation:
             "trajectory_sft_buffersize": float(len(self.index)),
         }
 
-    def _push_baseline(self, step: int, batch: SILBatch) -> None:
+    def baseline_statistics(self, batch: SILBatch) -> tuple[np.ndarray, np.ndarray]:
+        """What this batch adds to the baseline windows: group means (or trajectory means) and group stds."""
         if len(batch) == 0:
-            return
+            return np.zeros(0), np.zeros(0)
         _, group_means, group_stds = group_score_stats(batch.scores, batch.group_ids, batch.traj_ids)
         if self.replay.baseline_unit == "group_mean":
-            values = group_means
-        else:
-            values = trajectory_mean_scores(batch.scores, batch.traj_ids)
-        self.mean_window.push(step, values)
-        self.std_window.push(step, group_stds)
+            return group_means, group_stds
+        return trajectory_mean_scores(batch.scores, batch.traj_ids), group_stds
 
     def _admission_values(self, batch: SILBatch) -> np.ndarray:
         """The value compared with the admission threshold, per row (-inf = never admitted).

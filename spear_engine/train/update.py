@@ -14,9 +14,8 @@ advantages, no KL, and the loss scaled by c(t):
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from spear_engine.algorithms.losses import (
     agg_loss,
     config_view,
     get_policy_loss_fn,
+    kl_penalty,
     legacy_global_batch_info,
     replay_loss_config,
 )
@@ -46,6 +46,10 @@ class LossRows:
     old_log_probs: torch.Tensor
     advantages: torch.Tensor
     loss_mask: torch.Tensor
+    weights: torch.Tensor | None = None
+    """Per-token importance weights of the policy loss (rollout/trainer mismatch correction), or None."""
+    ref_log_probs: torch.Tensor | None = None
+    """Reference-policy log-probs for the KL loss (``actor.use_kl_loss``), or None."""
 
     def __len__(self) -> int:
         return int(self.loss_mask.shape[0])
@@ -76,67 +80,94 @@ def _micro_loss(
     log_probs, entropy = forward(idx, rows)
     mask = rows.loss_mask[idx]
     loss_fn = get_policy_loss_fn(config.policy_loss.loss_mode)
+    weights = None if rows.weights is None else rows.weights[idx]
     pg_loss, metrics = loss_fn(
-        rows.old_log_probs[idx], log_probs, rows.advantages[idx], mask, config.loss_agg_mode, loss_config
+        rows.old_log_probs[idx], log_probs, rows.advantages[idx], mask, config.loss_agg_mode, loss_config, weights
     )
-    entropy_agg = None
-    if config.entropy_coeff:
-        entropy_agg = agg_loss(entropy, mask, config.loss_agg_mode, **loss_config.global_batch_info)
-    loss = actor_loss(pg_loss, entropy_agg, config.entropy_coeff)
+    info = loss_config.global_batch_info
+    entropy_agg = agg_loss(entropy, mask, config.loss_agg_mode, **info) if config.entropy_coeff else None
+    kl_agg = None
+    if config.use_kl_loss and rows.ref_log_probs is not None:
+        kl = kl_penalty(log_probs, rows.ref_log_probs[idx], config.kl_loss_type)
+        kl_agg = agg_loss(kl, mask, config.loss_agg_mode, **info)
+    loss = actor_loss(pg_loss, entropy_agg, config.entropy_coeff, kl_agg, config.kl_loss_coef)
     out = {k.removeprefix("actor/"): float(v) for k, v in metrics.items()}
+    if kl_agg is not None:
+        out["kl_loss"] = float(kl_agg.detach())
     out["pg_loss"] = float(pg_loss.detach())
     out["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp_min(1))
     return loss, out
 
 
-def _optimizer_step(
-    optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], grad_clip: float
-) -> tuple[float, bool]:
-    """Clip, then step unless the gradient norm is not finite (the step is skipped, as the official code)."""
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    finite = math.isfinite(norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm, finite
+@dataclass
+class _Part:
+    """Rows that contribute to one optimizer step, with their loss config and scale (c(t) for replay)."""
+
+    rows: LossRows
+    mini: np.ndarray
+    loss_config: Any
+    scale: float
+    sums: _MetricSums
 
 
-def _accumulate(
-    forward: Forward,
-    rows: LossRows,
-    mini: np.ndarray,
-    config: ActorConfig,
-    loss_config: Any,
-    scale: float,
-    sums: _MetricSums,
-) -> None:
-    """Backward over the micro-batches of one mini-batch, normalised as the configured verl would.
+def _global_counts(mask: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid tokens and non-empty rows of a mini-batch, summed over all data-parallel ranks."""
+    counts = torch.stack([mask.sum(), (mask.sum(-1) > 0).sum()]).double()
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    return counts[0].clamp_min(1), counts[1].clamp_min(1)
 
-    verl 0.9: every micro-batch is normalised by the *mini-batch* token / sequence counts and the
-    gradients add up. Older verl (``legacy_agg_loss``, the official SPEAR code): each micro-batch is
-    normalised on its own, then divided by the number of micro-batches (grad_accum).
+
+def _micro_plan(part: _Part, config: ActorConfig, world_size: int) -> list[tuple[np.ndarray, Any, float]]:
+    """(indices, loss config with its batch info, factor) per micro-batch, normalised as the configured verl.
+
+    verl 0.9: every micro-batch is normalised by the *global mini-batch* token / sequence counts (summed
+    over the data-parallel ranks, times ``dp_size`` because the ranks' gradients are averaged) and the
+    gradients add up, so N ranks reproduce one process on the same data. Older verl (``legacy_agg_loss``,
+    the official SPEAR code): each micro-batch is normalised on its own, then divided by the number of
+    micro-batches (grad_accum).
     """
-    micros = _chunks(len(mini), config.ppo_micro_batch_size_per_gpu)
-    mini_mask = rows.loss_mask[mini]
-    mini_info = {
-        "batch_num_tokens": mini_mask.sum().clamp_min(1),
-        "global_batch_size": (mini_mask.sum(-1) > 0).sum().clamp_min(1),
-    }
+    micros = _chunks(len(part.mini), config.ppo_micro_batch_size_per_gpu)
+    tokens, rows = _global_counts(part.rows.loss_mask[part.mini], world_size)
+    mini_info = {"batch_num_tokens": tokens, "global_batch_size": rows, "dp_size": world_size}
+    plan = []
     for micro in micros:
-        idx = mini[micro]
+        idx = part.mini[micro]
         if config.legacy_agg_loss:
-            info, divisor = legacy_global_batch_info(config.loss_agg_mode, rows.loss_mask[idx]), len(micros)
+            info, divisor = legacy_global_batch_info(config.loss_agg_mode, part.rows.loss_mask[idx]), len(micros)
         else:
             info, divisor = mini_info, 1
-        loss, metrics = _micro_loss(forward, rows, idx, config, config_view(loss_config, global_batch_info=info))
-        (loss * (scale / divisor)).backward()
-        sums.add(metrics)
+        plan.append((idx, config_view(part.loss_config, global_batch_info=info), part.scale / divisor))
+    return plan
+
+
+def _optimizer_step(backend: Any, forward: Forward, config: ActorConfig, parts: list[_Part]) -> tuple[float, bool]:
+    """Backward over every micro-batch of ``parts``, then one optimizer step.
+
+    A non-finite micro-batch loss (on any rank) discards the accumulated gradients and skips the step,
+    so weights and optimizer state stay as they were; a non-finite gradient norm is skipped by the backend.
+    """
+    world_size = getattr(backend, "world_size", 1)
+    plan = [(part, *micro) for part in parts for micro in _micro_plan(part, config, world_size)]
+    finite = True
+    for k, (part, idx, loss_config, factor) in enumerate(plan):
+        loss, metrics = _micro_loss(forward, part.rows, idx, config, loss_config)
+        finite &= bool(torch.isfinite(loss.detach()))
+        backend.backward(loss * factor, boundary=k == len(plan) - 1)
+        part.sums.add(metrics)
+    if world_size > 1:
+        flag = torch.tensor([0.0 if finite else 1.0])
+        torch.distributed.all_reduce(flag)
+        finite = flag.item() == 0
+    if not finite:
+        backend.discard_gradients()
+        return float("nan"), False
+    return backend.step()
 
 
 def update_actor(
     forward: Forward,
-    optimizer: torch.optim.Optimizer,
-    params: Sequence[torch.nn.Parameter],
+    backend: Any,
     config: ActorConfig,
     on_policy: LossRows,
     replay: LossRows | None = None,
@@ -144,7 +175,11 @@ def update_actor(
     replay_update: str = "sequential",
     shuffle_seed: int | None = None,
 ) -> dict[str, float]:
-    """PPO epochs over the on-policy rows, plus the replay rows scaled by ``replay_coef`` (c(t))."""
+    """PPO epochs over the on-policy rows, plus the replay rows scaled by ``replay_coef`` (c(t)).
+
+    ``backend`` offers ``backward(loss, boundary)``, ``step() -> (grad_norm, stepped)`` and
+    ``discard_gradients()`` (:mod:`spear_engine.train.backends`).
+    """
     replay_cfg = replay_loss_config(config) if config.policy_loss.replay_uses_replay_params else config
     with_replay = replay is not None and len(replay) > 0 and replay_coef > 0
     on_sums, rp_sums = _MetricSums(), _MetricSums()
@@ -157,23 +192,25 @@ def update_actor(
         if with_replay and replay_update == "joint":
             replay_parts = np.array_split(np.arange(len(replay)), len(minis))
         for i, mini in enumerate(minis):
-            _accumulate(forward, on_policy, mini, config, config, 1.0, on_sums)
+            parts = [_Part(on_policy, mini, config, 1.0, on_sums)]
             if replay_parts and len(replay_parts[i]):
-                _accumulate(forward, replay, replay_parts[i], config, replay_cfg, replay_coef, rp_sums)
-            norm, ok = _optimizer_step(optimizer, params, config.grad_clip)
+                parts.append(_Part(replay, replay_parts[i], replay_cfg, replay_coef, rp_sums))
+            norm, ok = _optimizer_step(backend, forward, config, parts)
             grad_norms.append(norm)
             skipped += not ok
         if with_replay and replay_update == "sequential":
             for mini in _chunks(len(replay), config.ppo_mini_batch_size):
-                _accumulate(forward, replay, mini, config, replay_cfg, replay_coef, rp_sums)
-                norm, ok = _optimizer_step(optimizer, params, config.grad_clip)
+                norm, ok = _optimizer_step(backend, forward, config, [_Part(replay, mini, replay_cfg, replay_coef, rp_sums)])
                 replay_norms.append(norm)
                 skipped += not ok
+    finite_norms = [n for n in grad_norms if np.isfinite(n)]
     metrics = {f"actor/{k}": v for k, v in on_sums.means().items()}
     metrics.update({f"actor/{k}_replay": v for k, v in rp_sums.means().items()})
-    metrics["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+    metrics["actor/grad_norm"] = float(np.mean(finite_norms)) if finite_norms else 0.0
     if replay_norms:
-        metrics["actor/grad_norm_replay"] = float(np.mean(replay_norms))
+        finite_replay = [n for n in replay_norms if np.isfinite(n)]
+        metrics["actor/grad_norm_replay"] = float(np.mean(finite_replay)) if finite_replay else 0.0
     metrics["actor/skipped_steps"] = float(skipped)
+    metrics["actor/optimizer_steps"] = float(len(grad_norms) + len(replay_norms) - skipped)
     metrics["actor/replay_rows"] = float(len(replay)) if with_replay else 0.0
     return metrics

