@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from conftest import BACKENDS
+
 from spear_kernels import clip_cov_mask, kl_cov_mask, token_cov
 from spear_kernels.reference import clip_cov_candidates_ref, kl_cov_selected_ref, token_cov_ref
 

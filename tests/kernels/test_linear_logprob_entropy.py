@@ -3,6 +3,7 @@ import itertools
 import pytest
 import torch
 from conftest import BACKENDS, rel_err
+
 from spear_kernels import (
     linear_logprob_entropy,
     linear_logprob_entropy_stats,

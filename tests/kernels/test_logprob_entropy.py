@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import BACKENDS, rel_err
+
 from spear_kernels import logprob_entropy
 from spear_kernels.reference import logprob_entropy_ref
 

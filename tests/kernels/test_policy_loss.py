@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import BACKENDS, rel_err
+
 from spear_kernels import AGG_MODES, agg_scale, fused_linear_policy_loss, policy_loss
 from spear_kernels.reference import agg_loss_ref, fused_linear_policy_loss_ref, policy_loss_ref
 

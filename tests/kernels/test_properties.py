@@ -3,6 +3,7 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from spear_kernels import AGG_MODES, linear_logprob_entropy, policy_loss
 from spear_kernels.reference import linear_logprob_entropy_ref, policy_loss_ref
 

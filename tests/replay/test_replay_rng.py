@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from spear_engine._replay_index import _rng_below
 
+from spear_engine._replay_index import _rng_below
 from spear_engine.replay.rng import MASK64, Xoshiro256StarStar, splitmix64
 
 

@@ -6,8 +6,8 @@ import zlib
 import numpy as np
 import pytest
 from replay_helpers import IMPL_IDS, INDEXES, assert_same_state, make_batch
-from spear_engine._replay_index import _crc32
 
+from spear_engine._replay_index import _crc32
 from spear_engine.replay import NumpyReplayIndex, ReplayIndex
 
 
