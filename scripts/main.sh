@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if [ "$#" -eq 0 ]; then set -- demo --preset spear; fi
+if [ "$#" -eq 0 ]; then set -- train --preset quickstart; fi
 spear "$@"

@@ -130,7 +130,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]  # overrides placed after an option: `--run-dir x a.b=1`
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help (0), or a bad argument: argparse printed the usage and the problem (2)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return _run(args)
     except (ConfigError, UserError, *user_error_types()) as err:

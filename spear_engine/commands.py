@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -46,8 +47,25 @@ def run_demo(
     from spear_engine.demo import run
 
     config = load_config(preset, overrides, config_file)
+    if batch is not None:
+        _check_recording(batch)
     run(config, steps=steps, seed=seed, recording=batch)
     return 0
+
+
+def _check_recording(path: str) -> None:
+    """A ``--batch`` file that is missing or not a recording is a user error, named before the demo starts."""
+    from spear_engine.cli import UserError
+    from spear_engine.data import load_episodes
+
+    if not Path(path).is_file():
+        raise UserError(f"--batch {path}: no such file; pass a recording written by spear_engine.data.save_episodes, "
+                        f"or leave --batch out to use the built-in one")  # fmt: skip
+    try:
+        load_episodes(path)
+    except (ValueError, KeyError, TypeError, OSError, EOFError) as err:  # bad JSON / gzip / layout
+        raise UserError(f"--batch {path} is not a recording of episodes ({type(err).__name__}: {err}); pass a file "
+                        f"written by spear_engine.data.save_episodes, or leave --batch out") from err  # fmt: skip
 
 
 def run_train(
@@ -71,11 +89,10 @@ def run_train(
 def run_eval(run_dir: str, checkpoint: str | None, episodes: int | None, greedy: bool) -> int:
     """``spear eval``: load a run's config and checkpoint, report the eval-split success rate."""
     import json
-    from pathlib import Path
 
     import yaml
 
-    from spear_engine.config_loading import validate_config
+    from spear_engine.config_loading import ConfigError, validate_config, yaml_problem
     from spear_engine.train.checkpoint import latest_checkpoint
     from spear_engine.train.trainer import Trainer
 
@@ -83,10 +100,18 @@ def run_eval(run_dir: str, checkpoint: str | None, episodes: int | None, greedy:
     config_path = folder / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a run folder of `spear train` (no config.yaml)")
-    config = validate_config(yaml.safe_load(config_path.read_text()))
+    try:
+        raw = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{config_path} is damaged: not valid YAML ({yaml_problem(err)}); restore it from the "
+                          f"run's copy or evaluate a checkpoint with a run folder that has a valid config.yaml") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path} is damaged: expected a mapping of sections; restore it")
+    config = validate_config(raw)
     target = Path(checkpoint) if checkpoint else latest_checkpoint(folder)
     if target is None:
-        raise FileNotFoundError(f"{folder} has no valid checkpoint to evaluate")
+        raise FileNotFoundError(f"{folder} has no valid checkpoint to evaluate; train it first (trainer.save_freq "
+                                f"sets how often it saves) or pass --checkpoint <folder>")
     config = config.model_copy(update={"trainer": config.trainer.model_copy(update={"resume": str(target),
                                                                                    "logger": ["jsonl"]})})  # fmt: skip
     trainer = Trainer(config, run_dir=folder / "eval", console=False)

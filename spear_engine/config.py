@@ -286,6 +286,10 @@ class EnvConfig(Section):
     """Maximum env steps (turns) per episode (ALFWorld 50, WebShop 15)."""
     history_length: int = Field(2, ge=0)
     """Steps of history in each step prompt (verl-agent step layout)."""
+    step_timeout_s: float = Field(60.0, gt=0)
+    """Seconds one env ``reset`` or ``step`` may take. A call past it (or one that raises or returns a
+    malformed result) ends its episode as failed (``rollout/env_timeouts``, ``rollout/env_errors``); the
+    hung call is abandoned and the env replaced by a fresh one before its next use (README: Faults)."""
     rollout: EnvRolloutConfig = Field(default_factory=EnvRolloutConfig)
 
 

@@ -32,11 +32,18 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: what is wrong and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)}); fix the file") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -101,7 +108,8 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({err})") from err
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_problem(err)}); quote it "
+                              f"or fix it, e.g. key='[1, 2]'") from err
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -126,7 +134,8 @@ def load_config(
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+            raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file of config sections "
+                              f"(`spear presets spear` prints one)")
         data = deep_merge(data, load_yaml_with_inheritance(path))
     data = deep_merge(data, parse_overrides(overrides))
     return validate_config(data)

@@ -13,23 +13,38 @@ parsed and filtered, never re-tokenised.
   template's rendering of the next user message. Concatenating ``prompt_ids + response_ids`` over the
   turns gives the whole conversation; only the response tokens are policy tokens.
 
-An environment that raises ends its episode as failed, with the error recorded in ``meta``; the
-rest of the batch goes on.
+Environment faults (README: Faults): every ``reset`` / ``step`` runs on a daemon thread with a deadline
+(``step_timeout_s``). A call that raises, hangs past the deadline, or returns something malformed (not a
+``StepResult`` / ``Observation``, a non-finite reward, a flag that is not a bool) ends its episode as
+failed (``meta["end"]`` = ``"env_error"`` or ``"env_timeout"``, the reason in ``meta["error"]``); the rest
+of the batch goes on. The broken env is closed and replaced by a fresh one from the factory before its
+next use. Counts per ``run``: ``rollout/env_errors``, ``rollout/env_timeouts``, ``rollout/env_restarts``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from spear_engine.data import Episode, Turn
-from spear_engine.envs.base import Env, Observation, StepResult
-from spear_engine.rollout.engine import RolloutEngine, SamplingParams
+from spear_engine.envs.base import Action, Env, Observation, StepResult
+from spear_engine.rollout.engine import Generation, RolloutEngine, SamplingParams
+from spear_engine.rollout.env_guard import (
+    CallOutcome,
+    close_quietly,
+    observation_problem,
+    run_with_deadline,
+    step_result_problem,
+)
 from spear_engine.rollout.parsing import parse_action
 from spear_engine.rollout.prompts import first_trajectory_message, next_trajectory_message, step_prompt
+
+_log = logging.getLogger(__name__)
+FAULT_COUNTERS = ("rollout/env_errors", "rollout/env_timeouts", "rollout/env_restarts")
 
 
 @dataclass(frozen=True)
@@ -42,13 +57,17 @@ class AgentLoopConfig:
     (truncated) when the conversation would grow past this many tokens before a turn."""
     max_response_length: int = 512
     env_workers: int = 8
+    step_timeout_s: float | None = 60.0
+    """Seconds one env ``reset`` or ``step`` may take (None: no limit). A call past it ends its episode as
+    failed (``env_timeout``); its thread is abandoned and the env replaced before its next use."""
 
 
 @dataclass
 class _Slot:
     """One running episode."""
 
-    env: Env
+    env: Env | None
+    env_index: int
     group_id: int
     traj_id: int
     seed: int
@@ -116,19 +135,33 @@ class AgentLoop:
         self.env_factory = env_factory
         self.env_name = env_name
         self.config = config
-        self._envs: list[Env] = []
-        self._pool = ThreadPoolExecutor(max_workers=max(1, config.env_workers))
+        self._envs: list[Env | None] = []
+        """Env i serves slot i of every ``run``; None marks a broken env, replaced before its next use."""
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
         for env in self._envs:
-            env.close()
+            if env is not None:
+                try:
+                    env.close()
+                except Exception as err:  # closing must not hide the envs after it
+                    _log.warning("closing an environment failed: %r", err)
         self._envs.clear()
 
-    def _env(self, i: int) -> Env:
+    def _env(self, i: int, counters: dict[str, float]) -> Env:
+        """Env ``i``; a broken one is replaced by a fresh one from the factory (counted as a restart)."""
         while len(self._envs) <= i:
             self._envs.append(self.env_factory())
-        return self._envs[i]
+        env = self._envs[i]
+        if env is None:
+            env = self._envs[i] = self.env_factory()
+            counters["rollout/env_restarts"] += 1
+        return env
+
+    def _retire_env(self, i: int) -> None:
+        """Env ``i`` failed: close it in the background (it may be hung) and replace it before its next use."""
+        env, self._envs[i] = self._envs[i], None
+        if env is not None:
+            close_quietly(env)
 
     # -------------------------------------------------------------------------------------------
     def run(
@@ -141,14 +174,22 @@ class AgentLoop:
         first_traj_id: int = 0,
     ) -> tuple[list[Episode], dict[str, float]]:
         """``group_size`` episodes per seed (one prompt group per seed); returns episodes and timings."""
-        slots = [
-            _Slot(self._env(g * group_size + k), first_group_id + g, first_traj_id + g * group_size + k, seed)
-            for g, seed in enumerate(seeds)
-            for k in range(group_size)
-        ]
-        timing = {"time/generate": 0.0, "time/env": 0.0, "rollout/generated_tokens": 0.0, "rollout/env_steps": 0.0}
+        timing = {"time/generate": 0.0, "time/env": 0.0, "rollout/generated_tokens": 0.0, "rollout/env_steps": 0.0,
+                  **dict.fromkeys(FAULT_COUNTERS, 0.0)}  # fmt: skip
+        slots = []
+        for g, seed in enumerate(seeds):
+            for k in range(group_size):
+                i = g * group_size + k
+                slot = _Slot(None, i, first_group_id + g, first_traj_id + i, seed)
+                try:
+                    slot.env = self._env(i, timing)
+                except Exception as err:
+                    if i >= len(self._envs):  # the first env of this slot cannot be built: a setup error
+                        raise
+                    self._fail(slot, f"restart: {err!r}", "env_error", timing)
+                slots.append(slot)
         start = time.perf_counter()
-        self._map(lambda s: self._reset(s, split), slots)
+        self._reset_all([s for s in slots if not s.done], split, timing)
         timing["time/env"] += time.perf_counter() - start
         response_params = SamplingParams(
             max_new_tokens=min(params.max_new_tokens, self.config.max_response_length),
@@ -171,8 +212,11 @@ class AgentLoop:
             if params.seed is not None:
                 turn_params = SamplingParams(**{**response_params.__dict__, "seed": params.seed + 7919 * turn})
             generations = self.engine.generate([p for _, p in still], turn_params)
+            if len(generations) != len(still):
+                raise RuntimeError(f"rollout engine {self.engine.name!r} returned {len(generations)} generations "
+                                   f"for {len(still)} prompts")  # fmt: skip
             t1 = time.perf_counter()
-            self._map(lambda item: self._act(*item), [(s, p, g) for (s, p), g in zip(still, generations)])
+            self._step_all(still, generations, timing)
             timing["time/generate"] += t1 - t0
             timing["time/env"] += time.perf_counter() - t1
             timing["rollout/generated_tokens"] += sum(len(g.token_ids) for g in generations)
@@ -186,18 +230,39 @@ class AgentLoop:
         ]
         return episodes, timing
 
-    def _map(self, fn: Callable[[Any], None], items: list[Any]) -> None:
-        list(self._pool.map(fn, items))
+    def _guarded(self, calls: list[Callable[[], Any]]) -> list[CallOutcome]:
+        return run_with_deadline(calls, self.config.env_workers, self.config.step_timeout_s)
+
+    def _fail(self, slot: _Slot, reason: str, end: str, counters: dict[str, float]) -> None:
+        """An env fault: the episode ends as failed with its reason, the env is replaced, the fault counted."""
+        slot.done, slot.meta["end"], slot.meta["error"] = True, end, reason
+        counters["rollout/env_timeouts" if end == "env_timeout" else "rollout/env_errors"] += 1
+        if slot.env is not None:
+            self._retire_env(slot.env_index)
+
+    def _fault(self, slot: _Slot, what: str, outcome: CallOutcome, problem: str | None,
+               counters: dict[str, float]) -> bool:  # fmt: skip
+        """Record the fault of a guarded call, if it had one; returns whether it had."""
+        if outcome.timed_out:
+            self._fail(slot, f"{what}: no answer within {self.config.step_timeout_s} s", "env_timeout", counters)
+        elif outcome.error is not None:
+            self._fail(slot, f"{what}: {outcome.error!r}", "env_error", counters)
+        elif problem is not None:
+            self._fail(slot, f"{what}: malformed result: {problem}", "env_error", counters)
+        else:
+            return False
+        return True
 
     # -------------------------------------------------------------------------------------------
-    def _reset(self, slot: _Slot, split: str) -> None:
-        try:
-            slot.observation = slot.env.reset(slot.seed, split)
-        except Exception as err:  # an env fault ends the episode, the batch goes on
-            slot.done, slot.meta["end"], slot.meta["error"] = True, "env_error", f"reset: {err!r}"
-            return
-        if self.config.layout == "trajectory":
-            slot.pending_prompt = self.chat.prompt(first_trajectory_message(self.env_name, slot.observation))
+    def _reset_all(self, slots: list[_Slot], split: str, counters: dict[str, float]) -> None:
+        outcomes = self._guarded([partial(s.env.reset, s.seed, split) for s in slots])  # type: ignore[union-attr]
+        for slot, outcome in zip(slots, outcomes):
+            problem = observation_problem(outcome.value) if outcome.ok else None
+            if self._fault(slot, "reset", outcome, problem, counters):
+                continue
+            slot.observation = outcome.value
+            if self.config.layout == "trajectory":
+                slot.pending_prompt = self.chat.prompt(first_trajectory_message(self.env_name, slot.observation))
 
     def _prompt(self, slot: _Slot, turn: int) -> list[int] | None:
         """The token ids the policy sees for this turn (None ends a trajectory that outgrew its budget)."""
@@ -215,15 +280,22 @@ class AgentLoop:
             return None
         return context
 
-    def _act(self, slot: _Slot, prompt: list[int], generation: Any) -> None:
-        text = self.chat.decode(generation.token_ids)
-        action = parse_action(text.removesuffix(self.chat.tokenizer.eos_token))
+    def _step_all(self, items: list[tuple[_Slot, list[int]]], generations: list[Generation],
+                  counters: dict[str, float]) -> None:  # fmt: skip
+        """Parse every response into an action, step the envs (guarded), record the turns."""
+        texts = [self.chat.decode(g.token_ids) for g in generations]
+        actions = [parse_action(t.removesuffix(self.chat.tokenizer.eos_token)) for t in texts]
+        outcomes = self._guarded([partial(s.env.step, a) for (s, _), a in zip(items, actions)])  # type: ignore[union-attr]
+        for (slot, prompt), generation, text, action, outcome in zip(items, generations, texts, actions, outcomes):
+            problem = step_result_problem(outcome.value) if outcome.ok else None
+            result = outcome.value
+            if self._fault(slot, "step", outcome, problem, counters):  # the episode ends as failed, the batch goes on
+                result = StepResult(Observation("", ""), 0.0, True, False, False, {"error": slot.meta["error"]})
+            self._record(slot, prompt, generation, text, action, result)
+
+    def _record(self, slot: _Slot, prompt: list[int], generation: Generation, text: str, action: Action,
+                result: StepResult) -> None:  # fmt: skip
         observation_before = slot.observation
-        try:
-            result: StepResult = slot.env.step(action)
-        except Exception as err:  # an env fault ends the episode as failed, the batch goes on
-            result = StepResult(Observation("", ""), 0.0, True, False, False, {"error": repr(err)})
-            slot.meta["end"], slot.meta["error"] = "env_error", f"step: {err!r}"
         new_tokens = prompt if self.config.layout == "step" else slot.pending_prompt
         tool_calls = int(result.action_valid and action.kind in ("command", "python"))
         slot.turns.append(

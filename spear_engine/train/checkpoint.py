@@ -6,7 +6,9 @@ counters, config)
 plus any extra files a backend writes (a DeepSpeed ZeRO-3 shard folder), and ``manifest.json`` with the
 SHA-256 and size of every file. The folder only appears under its final name after all its files and
 the manifest are on disk, so a kill at any point leaves the previous checkpoint intact; a truncated
-or altered file fails the checksum with a clear error.
+or altered file fails the checksum with a clear error. Saving a step that already has a checkpoint moves
+the old folder aside (``.replaced-step_…``) before renaming the new one in, so a kill between the two
+renames leaves the old copy, which :func:`latest_checkpoint` moves back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import torch
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
+REPLACED = ".replaced-"
 FORMAT_VERSION = 1
 
 
@@ -100,8 +104,11 @@ def save_checkpoint(
             _fsync_path(path)
         for folder in sorted({p.parent for p in _files(tmp)} | {tmp}, key=lambda p: -len(p.parts)):
             _fsync_path(folder)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it, never leaving none
+            aside = root / f"{REPLACED}{final.name}"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.rename(final, aside)
         os.rename(tmp, final)
         _fsync_path(root)
         prune(run_dir, keep_last)
@@ -119,11 +126,26 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
     """Remove all but the newest ``keep_last`` checkpoints, and leftovers of interrupted writes."""
-    for leftover in checkpoint_dir(run_dir).glob(f".tmp-{PREFIX}*"):
+    recover_replaced(run_dir)
+    root = checkpoint_dir(run_dir)
+    for leftover in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f"{REPLACED}{PREFIX}*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(run_dir: str | Path) -> None:
+    """Move back a checkpoint that a replacing write had moved aside when it was killed before renaming the
+    new one into place (the old copy is complete; a new copy in place makes it a leftover for prune)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return
+    for aside in root.glob(f"{REPLACED}{PREFIX}*"):
+        final = root / aside.name.removeprefix(REPLACED)
+        if not final.exists():
+            with suppress(OSError):  # another rank moved it first
+                os.rename(aside, final)
 
 
 def verify_checkpoint(folder: str | Path) -> dict[str, Any]:
@@ -151,7 +173,11 @@ def verify_checkpoint(folder: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(folder: str | Path, rank: int = 0) -> dict[str, Any]:
     """Verify and load one rank's state of a checkpoint."""
-    verify_checkpoint(folder)
+    try:
+        verify_checkpoint(folder)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Use another checkpoint of the run (trainer.resume=auto picks the newest one "
+                              f"that verifies).") from None  # fmt: skip
     path = Path(folder) / state_file(rank)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no state for rank {rank} (saved with fewer ranks?)")
@@ -160,6 +186,7 @@ def load_checkpoint(folder: str | Path, rank: int = 0) -> dict[str, Any]:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint that verifies; a corrupted newer one is reported and skipped."""
+    recover_replaced(run_dir)
     for folder in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(folder)

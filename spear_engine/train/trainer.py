@@ -37,6 +37,7 @@ from spear_engine.pipeline import (
 )
 from spear_engine.rollout.agent_loop import AgentLoop, AgentLoopConfig
 from spear_engine.rollout.engine import SamplingParams
+from spear_engine.rollout.resilient import ResilientEngine
 from spear_engine.rollout.weight_sync import iter_named_weights
 from spear_engine.train.checkpoint import (
     CheckpointError,
@@ -97,11 +98,13 @@ class Trainer:
         loop_config = AgentLoopConfig(
             layout=config.rollout.layout, history_length=config.env.history_length, max_turns=config.env.max_steps,
             max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length,
+            step_timeout_s=config.env.step_timeout_s,
         )  # fmt: skip
         try:  # fail now, not mid-rollout, on a bad env name or kwargs
             make_env(config.env.name, **env_kwargs).close()
         except (ValueError, TypeError, ImportError) as err:
-            raise ConfigError(f"env.name={config.env.name!r} with env.kwargs={config.env.kwargs}: {err}") from err
+            raise ConfigError(f"env.name={config.env.name!r} with env.kwargs={config.env.kwargs}: {err}. Fix env.name "
+                              f"or env.kwargs.") from err  # fmt: skip
         self.agent_loop = AgentLoop(self.engine, self.tokenizer, lambda: make_env(config.env.name, **env_kwargs),
                                     config.env.name, loop_config)  # fmt: skip
         self.sil = None
@@ -137,23 +140,31 @@ class Trainer:
         return TorchBackend(self.policy, a.lr, a.weight_decay, a.grad_clip)
 
     def _build_engine(self) -> tuple[Any, bool]:
-        """(engine, shares the training weights). HF on the plain torch backend generates with the training
-        module itself; every other combination holds its own weights and is synced after each update."""
-        ro = self.config.rollout
-        if ro.name == "vllm":
+        """(engine, shares the training weights). An engine with its own weights is wrapped in a
+        :class:`ResilientEngine` (one process only: a sync retry on one rank would wait on collectives):
+        if it dies it is rebuilt and re-synced with the current weights, and failed syncs are retried."""
+        factory, shares = self._engine_factory()
+        if shares or self.world_size > 1:
+            return factory(), shares
+        bucket_mb = self.config.rollout.weight_sync_bucket_mb
+        return ResilientEngine(factory, sync_source=lambda: iter_named_weights(self.backend.hf_model, bucket_mb)), False
+
+    def _engine_factory(self) -> tuple[Any, bool]:
+        """(a function that builds the rollout engine, whether the engine shares the training weights). HF on
+        the plain torch backend generates with the training module itself; every other combination holds its
+        own weights and is synced after each update."""
+        cfg = self.config
+        if cfg.rollout.name == "vllm":
             from spear_engine.rollout.vllm import VLLMEngine
 
-            engine = VLLMEngine(self.config.model.path, dtype=self.config.model.dtype,
-                                seed=self.config.trainer.seed + self.rank)  # fmt: skip
-            return engine, False
+            return lambda: VLLMEngine(cfg.model.path, dtype=cfg.model.dtype, seed=cfg.trainer.seed + self.rank), False
         from spear_engine.rollout.hf import HFEngine
 
-        if self.config.trainer.backend == "torch":
-            return HFEngine(self.backend.hf_model, share=True), True
+        if cfg.trainer.backend == "torch":
+            return lambda: HFEngine(self.backend.hf_model, share=True), True
         from spear_engine.models import load_model
 
-        own, _ = load_model(self.config.model.path, dtype=self.config.model.dtype)
-        return HFEngine(own, share=True), False
+        return lambda: HFEngine(load_model(cfg.model.path, dtype=cfg.model.dtype)[0], share=True), False
 
     # -------------------------------------------------------------------------------------------
     # one training step
@@ -167,8 +178,12 @@ class Trainer:
 
         episodes, rollout_timing = self._rollout(t)
         metrics.update(rollout_timing)
+        if isinstance(self.engine, ResilientEngine):
+            metrics.update(self.engine.metrics())
         metrics.update(self._episode_metrics(episodes))
         timings["time/rollout"] = time.perf_counter() - start
+        if not self._any_turns(episodes):  # every env failed before its first turn: nothing to learn from
+            return self._skip_empty_step(t, {**metrics, **timings})
 
         mark = time.perf_counter()
         batch = RolloutBatch.from_episodes(episodes, self.pad_token_id, layout=cfg.rollout.layout)
@@ -195,8 +210,9 @@ class Trainer:
         mark = time.perf_counter()
         advantages, m = compute_advantages(cfg, scored)
         metrics.update(m)
-        replay_rows = None
+        replay_rows, replay_before = None, None
         if self.sil is not None:
+            replay_before = self.sil.state_dict()  # the draw may evict, flush, and advance the index's RNG
             replay, m = self.sil.draw(t, on_policy_rows=len(batch))
             metrics.update(m)
             replay_rows = self._replay_rows(replay) if replay is not None else None
@@ -210,6 +226,7 @@ class Trainer:
             replay_coef=metrics["schedule/replay_coef"], replay_update=cfg.replay.replay_update,
         )  # fmt: skip
         metrics.update(update)
+        skipped = self._step_skipped(update)
         timings["time/update"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -217,7 +234,10 @@ class Trainer:
         timings["time/weight_sync"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        if self.sil is not None:
+        if self.sil is not None and skipped:  # nothing was learned: the buffer stays as before the step
+            self.sil.load_state_dict(replay_before)
+            metrics.update({"replay/admitted_rows": 0.0, "replay/buffer_rows": float(len(self.sil))})
+        elif self.sil is not None:
             rows = sil_batch(scored, advantages, old_log_probs)
             metrics.update(self.sil.update(t, rows, self._gathered_baseline(rows)))
         timings["time/replay_update"] = time.perf_counter() - mark
@@ -231,7 +251,9 @@ class Trainer:
             if key != "time/step":
                 metrics[f"share/{key.removeprefix('time/')}"] = timings[key] / max(timings["time/step"], 1e-9)
         self.global_step = t
-        self._track_skips(update)
+        self._track_skips(skipped)
+        metrics["trainer/step_skipped"] = float(skipped)
+        metrics["trainer/consecutive_skipped_steps"] = float(self.consecutive_skips)
         return metrics
 
     def _rollout(self, t: int) -> tuple[list[Episode], dict[str, float]]:
@@ -250,6 +272,20 @@ class Trainer:
             e.group_id = (t - 1) * total + groups[local]
             e.traj_id = e.group_id * n + (e.traj_id % n)
         return episodes, timing
+
+    def _any_turns(self, episodes: list[Episode]) -> bool:
+        """Whether every rank has at least one turn to train on (ranks must agree: the update is collective)."""
+        flag = torch.tensor([float(any(e.turns for e in episodes))])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _skip_empty_step(self, t: int, metrics: dict[str, float]) -> dict[str, float]:
+        """A step without data (every env failed at reset) is skipped and counted like a non-finite one:
+        model, optimizer and replay buffer unchanged; repeated, it halts the run (TrainingHalted)."""
+        self.global_step = t
+        self._track_skips(True)
+        return {**metrics, "trainer/step_skipped": 1.0, "trainer/consecutive_skipped_steps": float(self.consecutive_skips)}
 
     def _episode_metrics(self, episodes: list[Episode]) -> dict[str, float]:
         stats = np.array([[e.success, e.reward, e.length, e.tool_calls, 1.0] for e in episodes], dtype=np.float64)
@@ -328,17 +364,21 @@ class Trainer:
         torch.distributed.all_gather_object(everyone, mine)
         return np.concatenate([v for v, _ in everyone]), np.concatenate([s for _, s in everyone])
 
-    def _track_skips(self, update: dict[str, float]) -> None:
-        if update.get("actor/skipped_steps", 0.0) > 0 and update.get("actor/optimizer_steps", 0.0) == 0:
-            self.consecutive_skips += 1
-        else:
-            self.consecutive_skips = 0
+    @staticmethod
+    def _step_skipped(update: dict[str, float]) -> bool:
+        """Every optimizer step of the update was skipped (non-finite loss or gradients): the model and the
+        optimizer are unchanged, and the step must not change the replay buffer either."""
+        return update.get("actor/skipped_steps", 0.0) > 0 and update.get("actor/optimizer_steps", 0.0) == 0
+
+    def _track_skips(self, skipped: bool) -> None:
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         if self.consecutive_skips >= self.config.trainer.max_consecutive_skipped_steps:
             raise TrainingHalted(
-                f"{self.consecutive_skips} training steps in a row had non-finite losses or gradients and were "
-                f"skipped (model, optimizer and replay buffer unchanged). Stopped at step {self.global_step}; "
+                f"{self.consecutive_skips} training steps in a row were skipped: their losses or gradients were not "
+                f"finite (or every environment failed, leaving no data); model, optimizer and replay buffer are "
+                f"unchanged since the last good step. Stopped at step {self.global_step}; "
                 f"the last good state is in {self.run_dir / 'checkpoints'}. Lower actor.lr, check the reward "
-                f"scale, or use model.dtype=float32."
+                f"scale, use model.dtype=float32, or check the environment (rollout/env_errors in the metrics)."
             )
 
     # -------------------------------------------------------------------------------------------
@@ -352,9 +392,10 @@ class Trainer:
         params = SamplingParams(max_new_tokens=self.config.data.max_response_length,
                                 temperature=0.0 if greedy else ro.val_temperature, top_p=ro.top_p, top_k=ro.top_k,
                                 seed=self.config.trainer.seed * 31 + 5)  # fmt: skip
-        results, _ = self.agent_loop.run(seeds, 1, params, split="eval")
+        results, timing = self.agent_loop.run(seeds, 1, params, split="eval")
         m = self._episode_metrics(results)
-        return {f"val/{k.removeprefix('episode/')}": v for k, v in m.items()}
+        faults = {f"val/{k.removeprefix('rollout/')}": timing[k] for k in ("rollout/env_errors", "rollout/env_timeouts")}
+        return {**{f"val/{k.removeprefix('episode/')}": v for k, v in m.items()}, **faults}
 
     # -------------------------------------------------------------------------------------------
     # the run
@@ -435,5 +476,8 @@ class Trainer:
                                       f"it or choose another trainer.run_name")  # fmt: skip
             return
         folder = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        if folder is not None and not folder.is_dir():
+            raise CheckpointError(f"trainer.resume={mode}: no such checkpoint folder; pass a <run>/checkpoints/step_* "
+                                  f"folder, auto (the newest valid checkpoint of the run) or none")  # fmt: skip
         if folder is not None:
             self.load(folder)
