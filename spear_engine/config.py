@@ -324,6 +324,14 @@ class TrainerConfig(Section):
     deepspeed_offload: bool = False
     deterministic: bool = False
     """torch deterministic algorithms and single-threaded reductions where needed (resume-exact tests)."""
+    sft_warmup_steps: int = Field(0, ge=0)
+    """Cold-start supervised steps on the env's gold episodes before RL (0 = none; a model that cannot
+    follow the action format zero-shot, like SmolLM2-135M, needs a few)."""
+    sft_episodes: int = Field(32, ge=1)
+    """Gold train-split episodes collected for the warm-up."""
+    sft_rows_per_step: int = Field(8, ge=1)
+    sft_lr: float = Field(1e-4, gt=0)
+    """Learning rate of the warm-up; the RL optimizer state is reset after it."""
     max_consecutive_skipped_steps: int = Field(5, ge=1)
     """Stop (after saving a checkpoint of the last good state) when this many steps in a row had
     non-finite losses or gradients."""

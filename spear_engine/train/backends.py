@@ -32,6 +32,8 @@ class Backend(Protocol):
 
     def discard_gradients(self) -> None: ...
 
+    def reset_optimizer_state(self) -> None: ...
+
     @property
     def hf_model(self) -> torch.nn.Module:
         """The Hugging Face model (what weight sync and saving read)."""
@@ -85,6 +87,10 @@ class TorchBackend:
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the Adam moments (they re-initialise at the next step)."""
+        self.optimizer.state.clear()
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -175,6 +181,10 @@ class DeepSpeedBackend:
 
     def discard_gradients(self) -> None:
         self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the Adam moments of the wrapped torch optimizer (over this rank's fp32 partitions)."""
+        self.engine.optimizer.optimizer.state.clear()
 
     @property
     def hf_model(self) -> torch.nn.Module:

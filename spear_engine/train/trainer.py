@@ -404,6 +404,8 @@ class Trainer:
         tc = self.config.trainer
         history = []
         try:
+            if self.global_step == 0 and tc.sft_warmup_steps > 0:
+                self.warmup()
             while self.global_step < tc.total_training_steps:
                 try:
                     metrics = self.train_step()
@@ -422,6 +424,33 @@ class Trainer:
         finally:
             self.close()
         return history
+
+    def warmup(self) -> dict[str, float]:
+        """The cold-start SFT on gold episodes (:mod:`spear_engine.train.sft`), logged as step 0."""
+        from spear_engine.train.sft import sft_warmup
+
+        cfg, tc = self.config, self.config.trainer
+        groups = self.backend.optimizer.param_groups
+        rl_lrs = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = tc.sft_lr
+        env_kwargs = {"max_steps": cfg.env.max_steps, **cfg.env.kwargs}
+        start = time.perf_counter()
+        metrics = sft_warmup(
+            self.backend, self.agent_loop.chat, lambda: make_env(cfg.env.name, **env_kwargs), cfg.env.name,
+            tc.sft_warmup_steps, tc.sft_episodes, tc.sft_rows_per_step, cfg.actor.ppo_micro_batch_size_per_gpu,
+            layout=cfg.rollout.layout, history_length=cfg.env.history_length,
+            max_prompt_length=cfg.data.max_prompt_length, pad_token_id=self.pad_token_id,
+            seed=tc.seed * 100 + self.rank,
+        )  # fmt: skip
+        for g, lr in zip(groups, rl_lrs):
+            g["lr"] = lr
+        self.backend.reset_optimizer_state()  # RL starts with fresh Adam moments
+        self._sync_weights()
+        metrics["time/sft"] = time.perf_counter() - start
+        if self.logger is not None:
+            self.logger.log(0, metrics)
+        return metrics
 
     def close(self) -> None:
         if self.logger is not None:

@@ -1,8 +1,8 @@
 """Shared set-up for the spear_kernels tests.
 
-TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here, before spear_kernels is
-imported. If the package is not installed yet, the repository's kernels/ folder is loaded under the
-name ``spear_kernels`` (the package_dir mapping of setup.py).
+TRITON_INTERPRET is set by tests/conftest.py before any module imports spear_kernels (and again here,
+for runs that point pytest at this folder with another rootdir). If the package is not installed yet,
+the repository's kernels/ folder is loaded under the name ``spear_kernels`` (setup.py's package_dir).
 """
 
 import os
