@@ -125,7 +125,7 @@ def test_fit_runs_the_warmup_once_then_restores_rl_settings(tmp_path: Path) -> N
 
 def test_warmup_on_an_env_without_gold_paths_fails_clearly(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, "trainer.total_training_steps=1")
-    with pytest.raises(ValueError, match="no_gold.*no winning gold episode"):
+    with pytest.raises(ValueError, match=r"no_gold.*no winning gold episode"):
         sft_warmup(trainer.backend, trainer.agent_loop.chat, lambda: NoGoldEnv(), "no_gold", steps=1, episodes=2,
                    rows_per_step=2, micro_batch=2)  # fmt: skip
     trainer.close()
