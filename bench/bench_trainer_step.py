@@ -1,18 +1,25 @@
 """Time of one training step with SPEAR vs the same step with GRPO, and the share of each stage.
 
-Both trainers start from the same weights and roll out the same seeds; SPEAR's replay buffer is
-filled by warm-up steps first, so every measured SPEAR step carries a replay batch. The two trainers
-take turns in one process (these VMs drift between processes); medians over the measured steps.
+Same data: every step is rolled out once (by the GRPO trainer, timed) and the same episodes go through
+both trainers' post-rollout stages (rewards and filters, old log-probs, advantages, replay, update,
+weight sync); each step time is the shared rollout time plus the trainer's own stages. The rollout is
+identical work in both recipes (SPEAR's tool-call bonus is computed in the rewards stage), so the
+difference is what SPEAR adds: the bonus, admission and draw, and the replay rows in the update.
+Optional SFT warm-up first (``--sft-steps``, as the quickstart does) so the policy acts and sometimes
+wins; SPEAR's replay buffer is filled by warm-up steps, so measured SPEAR steps carry a replay batch.
+The trainers take turns in one process (these VMs drift between processes); medians of measured steps.
 
-    python bench/bench_trainer_step.py --model smollm2-135m --env alfworld --steps 3
+    python bench/bench_trainer_step.py --model smollm2-135m --env alfworld --sft-steps 8 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,6 +44,22 @@ def build(preset: str, args: argparse.Namespace, out: str) -> Trainer:
     return Trainer(load_config(preset, overrides), console=False)
 
 
+def shared_step(trainers: dict[str, Trainer]) -> dict[str, dict[str, float]]:
+    """One step of every trainer on the same rollout (made by the first trainer's engine)."""
+    first = next(iter(trainers.values()))
+    start = time.perf_counter()
+    episodes, timing = Trainer._rollout(first, first.global_step + 1)
+    rollout_s = time.perf_counter() - start
+    results = {}
+    for name, trainer in trainers.items():
+        trainer._rollout = lambda t, e=episodes, m=timing: (copy.deepcopy(e), dict(m))
+        metrics = trainer.train_step()
+        metrics["time/step"] += rollout_s - metrics["time/rollout"]
+        metrics["time/rollout"] = rollout_s
+        results[name] = metrics
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -47,17 +70,26 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="SPEAR steps that fill the buffer first")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per preset")
+    parser.add_argument("--sft-steps", type=int, default=0, help="SFT warm-up steps before RL (0: none)")
     parser.add_argument("override", nargs="*", help="extra key=value overrides for both presets")
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="spear-bench-")
-    spear, grpo = build("spear", args, out), build("grpo", args, out)
+    extra = [f"trainer.sft_warmup_steps={args.sft_steps}", "trainer.sft_episodes=24"] if args.sft_steps else []
+    args.override = [*extra, *args.override]
+    grpo, spear = build("grpo", args, out), build("spear", args, out)
+    if args.sft_steps:  # one warm-up, copied into the other trainer (same starting weights for both)
+        print(f"SFT warm-up: {grpo.warmup()}", flush=True)
+        spear.backend.hf_model.load_state_dict(grpo.backend.hf_model.state_dict())
+        spear._sync_weights()
+    trainers = {"grpo": grpo, "spear": spear}
     for _ in range(args.warmup):
-        spear.train_step()
-        grpo.train_step()
+        shared_step(trainers)
     runs: dict[str, list[dict[str, float]]] = {"spear": [], "grpo": []}
-    for _ in range(args.steps):
-        for name, trainer in (("grpo", grpo), ("spear", spear)):
-            runs[name].append(trainer.train_step())
+    for k in range(args.steps):
+        for name, metrics in shared_step(trainers).items():
+            runs[name].append(metrics)
+            print(f"step {k} {name}: {metrics['time/step']:.1f} s, success {metrics.get('episode/success_rate', 0):.2f}, "
+                  f"replay rows {metrics.get('actor/replay_rows', 0):.0f}", flush=True)  # fmt: skip
     print(f"model {args.model}, env {args.env}, {args.groups}x{args.group_size} episodes of <= {args.turns} turns, "
           f"{args.response} new tokens/turn; medians of {args.steps} steps; load {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"{'stage':<20}{'grpo s':>10}{'spear s':>10}{'grpo %':>9}{'spear %':>9}")

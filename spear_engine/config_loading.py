@@ -68,7 +68,7 @@ def load_yaml_with_inheritance(path: Path, _chain: tuple[str, ...] = ()) -> dict
     if parent is None:
         return data
     base = load_yaml_with_inheritance(_preset_path(str(parent)), (*_chain, str(path)))
-    return deep_merge(base, data)
+    return merge_layer(base, data)
 
 
 def load_preset_dict(name: str) -> dict[str, Any]:
@@ -136,9 +136,20 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file of config sections "
                               f"(`spear presets spear` prints one)")
-        data = deep_merge(data, load_yaml_with_inheritance(path))
-    data = deep_merge(data, parse_overrides(overrides))
+        data = merge_layer(data, load_yaml_with_inheritance(path))
+    data = merge_layer(data, parse_overrides(overrides))
     return validate_config(data)
+
+
+def merge_layer(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``deep_merge``, except that ``env.kwargs`` belong to their environment: a layer that switches
+    ``env.name`` to another env drops the kwargs below it (``--env alfworld`` over the TextWorldExpress
+    quickstart must not hand TWX's ``game`` to ALFWorld); the layer's own kwargs still apply."""
+    env_layer, env_base = layer.get("env"), base.get("env")
+    if (isinstance(env_layer, Mapping) and isinstance(env_base, Mapping) and "name" in env_layer
+            and env_layer["name"] != env_base.get("name")):  # fmt: skip
+        base = {**base, "env": {k: v for k, v in env_base.items() if k != "kwargs"}}
+    return deep_merge(base, layer)
 
 
 def validate_config(data: Mapping[str, Any]) -> SpearConfig:

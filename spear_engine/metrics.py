@@ -141,6 +141,10 @@ class ConsoleProgress:
         )
         self.progress.update(self.task, completed=step, live=live)
 
+    def status(self, text: str) -> None:
+        """Show ``text`` in the live field (work before the first step, like the SFT warm-up)."""
+        self.progress.update(self.task, live=text)
+
     def close(self) -> None:
         self.progress.stop()
 
@@ -154,6 +158,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
             sink.log(step, metrics)
+
+    def status(self, text: str) -> None:
+        """A transient message for the sinks that show one (the progress bar); not a metric."""
+        for sink in self.sinks:
+            if hasattr(sink, "status"):
+                sink.status(text)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -227,3 +227,15 @@ def test_config_to_yaml_reloads() -> None:
 
     c = load_config("gigpo-spear")
     assert validate_config(yaml.safe_load(config_to_yaml(c))) == c
+
+
+def test_switching_env_drops_the_kwargs_of_the_previous_env() -> None:
+    quick = load_config("quickstart", [])
+    assert quick.env.name == "twx" and quick.env.kwargs["game"] == "twc"
+    switched = load_config("quickstart", ["env.name=alfworld"])
+    assert switched.env.name == "alfworld" and switched.env.kwargs == {}
+    assert switched.env.max_steps == quick.env.max_steps  # only the kwargs belong to the env
+    with_own = load_config("quickstart", ["env.name=alfworld", "env.kwargs={task_types: [clean]}"])
+    assert with_own.env.kwargs == {"task_types": ["clean"]}
+    same = load_config("quickstart", ["env.name=twx", "env.kwargs={eval_fold: test}"])
+    assert same.env.kwargs == {**quick.env.kwargs, "eval_fold": "test"}

@@ -81,6 +81,10 @@ def _alfred_logic() -> tuple[str, str]:
 # --- game-file cache (one temporary folder per process) -------------------------------------------------
 
 _CACHE_LOCK = threading.Lock()
+_ENGINE_LOCK = threading.RLock()
+"""Serialises every TextWorld / fast-downward call in the process: their parsers (tatsu) and the
+translator keep global state, so two envs loading or stepping in parallel threads (the agent loop's
+guarded env calls) corrupt each other ("pop from empty list") and leak the translator's log to stdout."""
 _CACHE_DIRS: dict[int, str] = {}
 
 
@@ -280,7 +284,8 @@ class AlfWorldEnv:
         self.win_reward = float(win_reward)
         if fast_text:
             install_text_speedups()
-        self._engine, self._pddl_env = _make_engine()
+        with _ENGINE_LOCK:
+            self._engine, self._pddl_env = _make_engine()
         self._loaded: str | None = None
         self._state: Any = None
         self._meta: dict[str, Any] = {}
@@ -294,11 +299,13 @@ class AlfWorldEnv:
     def reset(self, seed: int, split: str = "train") -> Observation:
         check_split(split)
         self._check_open()
-        path, self._meta = game_file(seed, split, self.task_types)
-        if path != self._loaded:
-            self._engine.load(path)
-            self._loaded = path
-        self._state = self._engine.reset()
+        with _ENGINE_LOCK:
+            path, self._meta = game_file(seed, split, self.task_types)
+            if path != self._loaded:
+                self._loaded = None  # a load that raises leaves no half-loaded game marked as current
+                self._engine.load(path)
+                self._loaded = path
+            self._state = self._engine.reset()
         text, self._task = _first_observation(self._state.feedback)
         self._gold = list(self._state["extra.walkthrough"] or [])
         if not self._gold:
@@ -314,7 +321,8 @@ class AlfWorldEnv:
         command = normalize_command(action.text) if action.kind == "command" else ""
         valid = bool(command) and command in self._state["admissible_commands"]
         if valid:
-            self._state, _, _ = self._engine.step(command)
+            with _ENGINE_LOCK:
+                self._state, _, _ = self._engine.step(command)
             feedback = self._state.feedback.strip()
         else:
             feedback = NOTHING_HAPPENS
@@ -344,7 +352,8 @@ class AlfWorldEnv:
         lib = getattr(self._pddl_env, "downward_lib", None)
         self._engine = self._pddl_env = self._state = None
         if lib is not None:
-            lib.cleanup()
+            with _ENGINE_LOCK:
+                lib.cleanup()
 
     # --- helpers ---
 

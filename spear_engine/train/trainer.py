@@ -435,13 +435,15 @@ class Trainer:
         for g in groups:
             g["lr"] = tc.sft_lr
         env_kwargs = {"max_steps": cfg.env.max_steps, **cfg.env.kwargs}
+        if self.logger is not None:
+            self.logger.status(f"SFT warm-up: playing {tc.sft_episodes} gold episodes")
         start = time.perf_counter()
         metrics = sft_warmup(
             self.backend, self.agent_loop.chat, lambda: make_env(cfg.env.name, **env_kwargs), cfg.env.name,
             tc.sft_warmup_steps, tc.sft_episodes, tc.sft_rows_per_step, cfg.actor.ppo_micro_batch_size_per_gpu,
             layout=cfg.rollout.layout, history_length=cfg.env.history_length,
             max_prompt_length=cfg.data.max_prompt_length, pad_token_id=self.pad_token_id,
-            seed=tc.seed * 100 + self.rank,
+            seed=tc.seed * 100 + self.rank, log=self._sft_status,
         )  # fmt: skip
         for g, lr in zip(groups, rl_lrs):
             g["lr"] = lr
@@ -451,6 +453,10 @@ class Trainer:
         if self.logger is not None:
             self.logger.log(0, metrics)
         return metrics
+
+    def _sft_status(self, step: int, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.status(f"SFT warm-up {step}/{self.config.trainer.sft_warmup_steps}  nll {metrics['sft/nll']:.3f}")
 
     def close(self) -> None:
         if self.logger is not None:

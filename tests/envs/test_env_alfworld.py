@@ -261,3 +261,33 @@ def test_missing_engine_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "alfworld", None)  # makes `import alfworld` fail
     with pytest.raises(ImportError, match=r"pip install alfworld==0\.4\.2"):
         alf.AlfWorldEnv()
+
+
+def test_envs_in_parallel_threads_match_sequential_play(capfd):
+    """The agent loop resets and steps its envs from worker threads; TextWorld's parsers and the
+    fast-downward translator are not thread-safe, so the env must serialise them: parallel play gives
+    exactly the sequential transcripts, no errors, and nothing printed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seeds = [300 + i for i in range(8)]
+
+    def transcript(env, seed):
+        obs = env.reset(seed, "train")
+        lines = [obs.text]
+        for action in env.gold_actions()[:3]:
+            lines.append(env.step(action).observation.text)
+        return lines
+
+    envs = [make_env("alfworld", max_steps=10) for _ in seeds]
+    try:
+        expected = [transcript(e, s) for e, s in zip(envs, seeds)]
+        capfd.readouterr()
+        for _ in range(2):
+            with ThreadPoolExecutor(len(seeds)) as pool:
+                got = list(pool.map(transcript, envs, seeds))
+            assert got == expected
+        out, _ = capfd.readouterr()
+        assert out == ""
+    finally:
+        for e in envs:
+            e.close()

@@ -115,9 +115,26 @@ def test_fit_runs_the_warmup_once_then_restores_rl_settings(tmp_path: Path) -> N
         assert len(trainer.backend.optimizer.state) == 0  # RL starts with fresh Adam moments
         return metrics
 
+    class StatusSink:
+        def __init__(self) -> None:
+            self.messages: list[str] = []
+
+        def log(self, step: int, metrics: dict[str, float]) -> None:
+            pass
+
+        def status(self, text: str) -> None:
+            self.messages.append(text)
+
+        def close(self) -> None:
+            pass
+
+    sink = StatusSink()
+    trainer.logger.sinks.append(sink)
     trainer.warmup = spy
     history = trainer.fit()
     assert calls == [0] and len(history) == 1
+    assert sink.messages[0].startswith("SFT warm-up: playing 4 gold episodes")
+    assert [m.split("  nll")[0] for m in sink.messages[1:]] == [f"SFT warm-up {k}/3" for k in (1, 2, 3)]
     records = read_metrics(tmp_path / "run")
     assert records[0]["step"] == 0 and records[0]["sft/nll"] > 0
     assert records[1]["step"] == 1
