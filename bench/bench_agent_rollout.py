@@ -7,7 +7,7 @@ Reported per engine (medians over rounds): generated tokens/s over generation ti
 rollout, env steps/s, the share of the rollout spent in env calls (resets and steps), and the env's own
 speed per environment (steps/s and reset seconds, measured in the loop on one env).
 
-    python bench/bench_agent_rollout.py                              # SmolLM2-135M, 64 envs, 6 turns
+    python bench/bench_agent_rollout.py                              # SmolLM2-135M, 64 envs, 3 turns
     python bench/bench_agent_rollout.py --model tiny --envs 8 --turns 2 --rounds 1   # quick check
 """
 
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--engines", default="hf,vllm")
     parser.add_argument("--envs", type=int, default=64, help="parallel environments (episodes per rollout)")
     parser.add_argument("--group", type=int, default=8, help="episodes per task seed (GRPO group size)")
-    parser.add_argument("--turns", type=int, default=6, help="env.max_steps of the rollout")
-    parser.add_argument("--response-len", type=int, default=48)
+    parser.add_argument("--turns", type=int, default=3, help="env.max_steps of the rollout")
+    parser.add_argument("--response-len", type=int, default=32)
     parser.add_argument("--history", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
@@ -91,10 +91,17 @@ def main() -> None:
     seeds_per_round = args.envs // args.group
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
     try:
-        for r in range(args.rounds + 1):  # round 0 warms up (builds the envs, compiles, fills caches)
+        counters: dict[str, float] = {}
+        for i in range(args.envs):  # build the envs outside the timed rounds (one-off, ~0.1 s each)
+            counters["rollout/env_restarts"] = 0.0
+            loop._env(i, counters)
+        warm = SamplingParams(max_new_tokens=4, temperature=1.0, seed=0)
+        for engine in engines.values():
+            engine.generate([list(tokenizer("Warm up the engine.")["input_ids"])] * 4, warm)
+        for r in range(1, args.rounds + 1):
             seeds = [1000 * r + g for g in range(seeds_per_round)]
             for name, engine in engines.items():
-                sync_weights(trainer, engine)
+                synced = sync_weights(trainer, engine).seconds
                 loop.engine = engine
                 params = SamplingParams(max_new_tokens=args.response_len, temperature=1.0, seed=100 + r)
                 start = time.perf_counter()
@@ -102,12 +109,11 @@ def main() -> None:
                 wall = time.perf_counter() - start
                 row = {"wall": wall, "generate": timing["time/generate"], "env": timing["time/env"],
                        "tokens": timing["rollout/generated_tokens"], "steps": timing["rollout/env_steps"],
-                       "won": sum(e.success for e in episodes) / len(episodes)}  # fmt: skip
+                       "won": sum(e.success for e in episodes) / len(episodes), "sync": synced}  # fmt: skip
                 print(f"round {r} {name}: {wall:.1f} s (generate {row['generate']:.1f} s, env {row['env']:.1f} s), "
                       f"{row['tokens']:.0f} tokens, {row['steps']:.0f} env steps, success {row['won']:.2f}",
                       flush=True)  # fmt: skip
-                if r:
-                    rows[name].append(row)
+                rows[name].append(row)
     finally:
         loop.close()
     steps_per_s, reset_s = env_speed(env_kwargs | {"max_steps": 50})
@@ -118,8 +124,9 @@ def main() -> None:
     print(f"\nmodel={args.model} dtype={args.dtype} envs={args.envs} (groups of {args.group}) turns={args.turns} "
           f"response<={args.response_len} rounds={args.rounds} threads={torch.get_num_threads()}")  # fmt: skip
     print(f"one ALFWorld env: {steps_per_s:.0f} steps/s, reset {reset_s:.3f} s (mean over 8 gold-path episodes)")
-    print("| engine | rollout s | gen tokens/s (gen time) | gen tokens/s (rollout) | x hf | env steps/s | env share |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| engine | rollout s | gen tokens/s (gen time) | gen tokens/s (rollout) | x hf | env steps/s | env share "
+          "| weight sync s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     base = None
     for name in engines:
         rate = med(name, lambda r: r["tokens"] / r["generate"])
@@ -127,7 +134,7 @@ def main() -> None:
         ratio = f"{rate / base:.2f}" if base else "-"
         print(f"| {name} | {med(name, lambda r: r['wall']):.1f} | {rate:.1f} | "
               f"{med(name, lambda r: r['tokens'] / r['wall']):.1f} | {ratio} | "
-              f"{med(name, lambda r: r['steps'] / r['wall']):.1f} | {100 * med(name, lambda r: r['env'] / r['wall']):.1f} % |")  # fmt: skip
+              f"{med(name, lambda r: r['steps'] / r['wall']):.1f} | {100 * med(name, lambda r: r['env'] / r['wall']):.1f} % | {med(name, lambda r: r['sync']):.3f} |")  # fmt: skip
     for engine in engines.values():
         engine.close()
 

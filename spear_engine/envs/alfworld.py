@@ -139,7 +139,8 @@ _SPEEDUP_STATE: dict[str, Any] = {}
 
 
 def install_text_speedups() -> None:
-    """Make TextWorld's text rendering faster without changing its output (process-wide, idempotent).
+    """Make TextWorld's text rendering and game loading faster without changing its output (process-wide,
+    idempotent; the game translation cache is :func:`_patch_translation`).
 
     Every step, TextWorld's PDDL engine renders each admissible command and the feedback by (1) parsing
     the same few dozen grammar strings and logic queries again, and (2) deep-copying the render context,
@@ -184,6 +185,31 @@ def _patch_textworld() -> None:
     Rule.parse_conjunctive_query = classmethod(lambda cls, expr: cached_query(expr))
     _SPEEDUP_STATE.update(textgen=textgen, rule=Rule, parse=original_parse, query=original_query,
                           copy_context=original_copy_context)
+    _patch_translation()
+
+
+def _patch_translation() -> None:
+    """Memoise fast-downward's PDDL -> SAS translation per (domain, problem).
+
+    Loading a game translates its problem twice (plain and optimised for replanning): ~80 % of a reset.
+    The envs of one GRPO group all load the same game, so the group pays for one translation instead of
+    ``n``. The translation is a pure function of its text inputs; its task object is deep-copied for
+    each caller (TextWorld reads it while building the state), its SAS text is immutable.
+    """
+    import fast_downward
+
+    original = fast_downward.pddl2sas
+
+    @functools.lru_cache(maxsize=128)
+    def cached(domain: str, problem: str, verbose: bool, optimize: bool) -> Any:
+        return original(domain, problem, verbose=verbose, optimize=optimize)
+
+    def translate(domain: str, problem: str, verbose: bool = False, optimize: bool = False) -> Any:
+        task, sas = cached(domain, problem, bool(verbose), bool(optimize))
+        return copy.deepcopy(task), sas
+
+    fast_downward.pddl2sas = translate
+    _SPEEDUP_STATE.update(fast_downward=fast_downward, pddl2sas=original)
 
 
 def remove_text_speedups() -> None:
@@ -194,6 +220,7 @@ def remove_text_speedups() -> None:
         _SPEEDUP_STATE["textgen"]._parse_and_convert = _SPEEDUP_STATE["parse"]
         _SPEEDUP_STATE["textgen"].copy_context = _SPEEDUP_STATE["copy_context"]
         _SPEEDUP_STATE["rule"].parse_conjunctive_query = _SPEEDUP_STATE["query"]
+        _SPEEDUP_STATE["fast_downward"].pddl2sas = _SPEEDUP_STATE["pddl2sas"]
         _SPEEDUP_STATE.clear()
 
 

@@ -291,3 +291,21 @@ def test_envs_in_parallel_threads_match_sequential_play(capfd):
     finally:
         for e in envs:
             e.close()
+
+
+def test_envs_sharing_a_cached_game_translation_do_not_share_state():
+    """A GRPO group loads one game n times; the translation is cached (one per group), so each env
+    must still get its own state: moves in one are invisible in the other, and both can win."""
+    a, b = make_env("alfworld", max_steps=30), make_env("alfworld", max_steps=30)
+    try:
+        first_a, first_b = a.reset(777, "train"), b.reset(777, "train")
+        assert first_a == first_b
+        gold = a.gold_actions()
+        moved = a.step(gold[0])
+        assert moved.action_valid and moved.observation.text != first_a.text
+        assert b.step(Action("command", "look")).observation.admissible_actions == first_b.admissible_actions
+        assert play(b, gold)[-1].won  # b's detour ("look") does not change the plan's validity
+        assert play(a, gold[1:])[-1].won
+    finally:
+        a.close()
+        b.close()
