@@ -1,7 +1,8 @@
 """Multi-turn rollout throughput on real ALFWorld: HF ``generate`` vs in-process vLLM, 64 envs at once.
 
 One :class:`AgentLoop` (one set of ALFWorld environments) is driven in turn by each engine, in the same
-process, round-robin (these VMs drift 15-80 % between processes). A round is a full rollout: reset every
+process, round-robin (these VMs drift 15-80 % between processes), each engine on fresh tasks (so the
+game-translation cache never carries over). A round is a full rollout: reset every
 env, then up to ``--turns`` turns of batched generation + env steps, exactly as a training step rolls out.
 Reported per engine (medians over rounds): generated tokens/s over generation time and over the whole
 rollout, env steps/s, the share of the rollout spent in env calls (resets and steps), and the env's own
@@ -99,8 +100,9 @@ def main() -> None:
         for engine in engines.values():
             engine.generate([list(tokenizer("Warm up the engine.")["input_ids"])] * 4, warm)
         for r in range(1, args.rounds + 1):
-            seeds = [1000 * r + g for g in range(seeds_per_round)]
-            for name, engine in engines.items():
+            for e, (name, engine) in enumerate(engines.items()):
+                # fresh tasks for every engine and round: the game-translation cache starts cold each time
+                seeds = [1000 * r + 100 * e + g for g in range(seeds_per_round)]
                 synced = sync_weights(trainer, engine).seconds
                 loop.engine = engine
                 params = SamplingParams(max_new_tokens=args.response_len, temperature=1.0, seed=100 + r)
