@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spear_engine.config_loading import ConfigError
 from spear_engine.data import Episode, RolloutBatch, Turn
 from spear_engine.envs.base import Action, Env
 from spear_engine.rollout.agent_loop import ChatTokens
@@ -89,7 +90,11 @@ def sft_warmup(
         env.close()
     demos = [d for d in demos if d is not None and d.success]
     if not demos:
-        raise ValueError(f"environment '{env_name}' produced no winning gold episode for the SFT warm-up")
+        raise ConfigError(
+            f"environment '{env_name}' produced no winning gold episode for the SFT warm-up ({episodes} tried): "
+            f"its gold paths do not finish within env.max_steps, or it has none. Raise env.max_steps, or set "
+            f"trainer.sft_warmup_steps=0 to train without the warm-up."
+        )
     batch = RolloutBatch.from_episodes(demos, pad_token_id, layout=layout)
     sequences = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
                                                    batch.attention_mask)  # fmt: skip
