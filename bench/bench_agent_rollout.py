@@ -22,12 +22,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from bench_rollout import make_engines  # bench/ is the script's folder, so it is on sys.path
 
 from spear_engine.envs.base import Action, make_env
 from spear_engine.models import load_model, load_tokenizer
 from spear_engine.rollout.agent_loop import AgentLoop, AgentLoopConfig
 from spear_engine.rollout.engine import SamplingParams
-from spear_engine.rollout.hf import HFEngine
 from spear_engine.rollout.weight_sync import sync_weights
 
 
@@ -72,18 +72,7 @@ def main() -> None:
     env_kwargs = {"max_steps": args.turns}
     tokenizer = load_tokenizer(args.model)
     trainer, _ = load_model(args.model, dtype=args.dtype)
-    engines = {}
-    for name in args.engines.split(","):
-        start = time.perf_counter()
-        if name == "hf":
-            engines[name] = HFEngine(trainer, share=False)
-        elif name == "vllm":
-            from spear_engine.rollout.vllm import VLLMEngine
-
-            engines[name] = VLLMEngine(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb)
-        else:
-            raise SystemExit(f"unknown engine {name!r}")
-        print(f"{name}: ready in {time.perf_counter() - start:.1f} s", flush=True)
+    engines = make_engines(args.engines, args.model, trainer, args.dtype, args.kv_cache_gb, eos_token_ids=None)
 
     config = AgentLoopConfig(layout="step", history_length=args.history, max_turns=args.turns,
                              max_prompt_length=2048, max_response_length=args.response_len, step_timeout_s=None)  # fmt: skip
@@ -92,9 +81,8 @@ def main() -> None:
     seeds_per_round = args.envs // args.group
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
     try:
-        counters: dict[str, float] = {}
+        counters = {"rollout/env_restarts": 0.0}
         for i in range(args.envs):  # build the envs outside the timed rounds (one-off, ~0.1 s each)
-            counters["rollout/env_restarts"] = 0.0
             loop._env(i, counters)
         warm = SamplingParams(max_new_tokens=4, temperature=1.0, seed=0)
         for engine in engines.values():

@@ -16,6 +16,7 @@ import os
 import random
 import statistics
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,6 +53,25 @@ def make_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int
     return prompts
 
 
+def make_engines(
+    names: str, model: str, trainer: torch.nn.Module, dtype: str, kv_cache_gb: float, eos_token_ids: list[int] | None
+) -> dict[str, Any]:
+    """The engines named in ``names`` (comma-separated ``hf`` / ``vllm``), each timed as it starts."""
+    engines: dict[str, Any] = {}
+    for name in names.split(","):
+        start = time.perf_counter()
+        if name == "hf":
+            engines[name] = HFEngine(trainer, share=False, eos_token_ids=eos_token_ids)
+        elif name == "vllm":
+            from spear_engine.rollout.vllm import VLLMEngine
+
+            engines[name] = VLLMEngine(model, dtype=dtype, kv_cache_gb=kv_cache_gb, eos_token_ids=eos_token_ids)
+        else:
+            raise SystemExit(f"unknown engine {name!r}")
+        print(f"{name}: ready in {time.perf_counter() - start:.1f} s", flush=True)
+    return engines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -69,20 +89,9 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(args.model)
-    eos = None if args.keep_eos else []
     trainer, _ = load_model(args.model, dtype=args.dtype)
-    engines = {}
-    for name in args.engines.split(","):
-        start = time.perf_counter()
-        if name == "hf":
-            engines[name] = HFEngine(trainer, share=False, eos_token_ids=eos)
-        elif name == "vllm":
-            from spear_engine.rollout.vllm import VLLMEngine
-
-            engines[name] = VLLMEngine(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, eos_token_ids=eos)
-        else:
-            raise SystemExit(f"unknown engine {name!r}")
-        print(f"{name}: ready in {time.perf_counter() - start:.1f} s", flush=True)
+    engines = make_engines(args.engines, args.model, trainer, args.dtype, args.kv_cache_gb,
+                           eos_token_ids=None if args.keep_eos else [])  # fmt: skip
 
     warm = SamplingParams(max_new_tokens=4, temperature=args.temperature, top_p=args.top_p, seed=0)
     for engine in engines.values():

@@ -434,12 +434,11 @@ class Trainer:
         rl_lrs = [g["lr"] for g in groups]
         for g in groups:
             g["lr"] = tc.sft_lr
-        env_kwargs = {"max_steps": cfg.env.max_steps, **cfg.env.kwargs}
         if self.logger is not None:
             self.logger.status(f"SFT warm-up: playing {tc.sft_episodes} gold episodes")
         start = time.perf_counter()
         metrics = sft_warmup(
-            self.backend, self.agent_loop.chat, lambda: make_env(cfg.env.name, **env_kwargs), cfg.env.name,
+            self.backend, self.agent_loop.chat, self.agent_loop.env_factory, cfg.env.name,
             tc.sft_warmup_steps, tc.sft_episodes, tc.sft_rows_per_step, cfg.actor.ppo_micro_batch_size_per_gpu,
             layout=cfg.rollout.layout, history_length=cfg.env.history_length,
             max_prompt_length=cfg.data.max_prompt_length, pad_token_id=self.pad_token_id,
