@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import HAS_TRITON, Backend, use_triton
+from .utils import HAS_TRITON, Backend, check_written, scratch, scratch_like, use_triton
 
 if HAS_TRITON:
     import triton
@@ -56,13 +56,14 @@ def _keys(logp, adv, m, clipped, rand, lb, ub, eps, triton_path):
     sums = _masked_sums(logp, adv, m)
     if triton_path:
         n = logp.numel()
-        keys = torch.empty(n, device=logp.device, dtype=torch.float32)
+        keys = scratch(n, device=logp.device, dtype=torch.float32)
         block = 1024
         _cov_keys_kernel[(triton.cdiv(n, block),)](
             logp, adv, m, clipped.view(torch.uint8) if clipped is not None else m, rand if rand is not None else m,
             sums, keys,
             n, float(lb), float(ub), float(eps), USE_RAND=rand is not None, BLOCK=block,
         )
+        check_written("cov keys kernel", keys=keys)
         return keys
     den = sums[2] + eps
     cov = (adv - sums[0] / den) * (logp - sums[1] / den)
@@ -75,7 +76,7 @@ def _keys(logp, adv, m, clipped, rand, lb, ub, eps, triton_path):
 def _top_k_by_rank(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool mask of the k largest finite keys; k is a device scalar (no sync, static shapes)."""
     order = torch.argsort(keys, descending=True, stable=True)
-    rank = torch.empty_like(order)
+    rank = scratch_like(order)
     rank.scatter_(0, order, torch.arange(keys.numel(), device=keys.device))
     return (rank < k) & torch.isfinite(keys)
 

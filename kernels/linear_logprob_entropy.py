@@ -29,7 +29,16 @@ from collections.abc import Callable
 import torch
 
 from .logprob_entropy import torch_row_grad_, torch_row_stats_, triton_row_grad
-from .utils import HAS_TRITON, Backend, check_float, interpreting, use_triton
+from .utils import (
+    HAS_TRITON,
+    Backend,
+    check_float,
+    check_written,
+    interpreting,
+    scratch,
+    scratch_like,
+    use_triton,
+)
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """grad_fn(start, end, logp, entropy) -> (dL/dlogp, dL/dentropy) for flattened tokens [start, end)."""
@@ -173,7 +182,7 @@ def _triton_stats(x, w, b, labels, inv_t, z_out=None):
     bm, bn, bk = _tiles(x.dtype)
     split_v = bn * max(1, (2048 if not interpreting() else 4096) // bn)
     n_splits = triton.cdiv(v, split_v)
-    part = torch.empty(4, n, n_splits, device=x.device, dtype=torch.float32)
+    part = scratch(4, n, n_splits, device=x.device, dtype=torch.float32)
     if n:
         grid = (triton.cdiv(n, bm), n_splits)
         _linear_fwd_kernel[grid](
@@ -183,6 +192,7 @@ def _triton_stats(x, w, b, labels, inv_t, z_out=None):
             HAS_BIAS=b is not None, STORE_Z=z_out is not None, IEEE=x.dtype == torch.float32 or interpreting(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3,
         )
+        check_written("linear_logprob_entropy stats kernel", partials=part, logits=z_out)
     return _merge_partials(part[0], part[1], part[2], part[3], labels, v)
 
 
@@ -258,14 +268,14 @@ def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want
     n, h = x.shape
     v = w.shape[0]
     half = w.dtype != torch.float32
-    zbuf = torch.empty(min(chunk, n), v, dtype=w.dtype)
+    zbuf = scratch(min(chunk, n), v, dtype=w.dtype)
     need_grad = want_grad and (grad_fn is not None or saved is not None)
     if saved is None:
-        logp = torch.empty(n, dtype=torch.float32)
-        ent = torch.empty(n, dtype=torch.float32)
-        lse = torch.empty(n, dtype=torch.float32)
+        logp = scratch(n, dtype=torch.float32)
+        ent = scratch(n, dtype=torch.float32)
+        lse = scratch(n, dtype=torch.float32)
     if need_grad:
-        dx = torch.empty_like(x)
+        dx = scratch_like(x)
         dw = torch.zeros(v, h, dtype=torch.float32)
         db = torch.zeros(v, dtype=torch.float32) if b is not None else None
     rb = _row_block(v)
@@ -306,7 +316,9 @@ def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want
             if db is not None:
                 db.add_(z.sum(0, dtype=torch.float32))
     if saved is not None:
+        check_written("linear_logprob_entropy torch backward", dx=dx)
         return dx, dw, db
+    check_written("linear_logprob_entropy torch pass", logp=logp, entropy=ent, lse=lse, dx=dx if need_grad else None)
     if grad_fn is None or not need_grad:
         return logp, ent, lse
     return logp, ent, lse, dx, dw, db
@@ -316,21 +328,30 @@ def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want
 # Triton path
 
 
-def _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, inv_t, ws_bytes):
+RECOMPUTE_WORKSPACE_BYTES = 256 << 20
+"""dZ workspace of the Triton recompute backward (one vocabulary slice of all tokens at a time)."""
+
+
+def _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, inv_t):
     """8NHV backward, vocab-outer: per vocab slice, dZ [N, vc] for all tokens → dW slice written once,
-    dX accumulated in fp32 over slices (N·H·4 bytes, far smaller than V·H)."""
+    dX accumulated in fp32 over slices (N·H·4 bytes, far smaller than V·H).
+
+    Each slice's dZ is a *contiguous* [N, width] view of the workspace. A strided view of a wider buffer
+    (row stride vc > width) leaves never-written columns between the rows, and a CPU bf16 GEMM that
+    blocks the reduction dimension may read past ``width`` into them: uninitialised memory (NaN now and
+    then) times its zero-padded operand gave NaN rows in dX (the bf16 failures of issue 9)."""
     n, h = x.shape
     v = w.shape[0]
     bm, bn, bk = _tiles(x.dtype)
-    vc = max(bn, (ws_bytes // max(1, n * w.element_size())) // bn * bn)
-    vc = min(vc, triton.cdiv(v, bn) * bn)
-    ws = torch.empty(n, vc, dtype=w.dtype, device=x.device)
+    vc = max(bn, (RECOMPUTE_WORKSPACE_BYTES // max(1, n * w.element_size())) // bn * bn)
+    vc = min(vc, v)
+    ws = scratch(n * vc, dtype=w.dtype, device=x.device)
     dx32 = torch.zeros(n, h, dtype=torch.float32, device=x.device)
-    dw = torch.empty_like(w)
-    db = torch.empty(v, dtype=torch.float32, device=x.device) if b is not None else None
+    dw = scratch_like(w)
+    db = scratch(v, dtype=torch.float32, device=x.device) if b is not None else None
     for v0 in range(0, v, vc):
         v1 = min(v, v0 + vc)
-        dz = ws[:, : v1 - v0]
+        dz = ws[: n * (v1 - v0)].view(n, v1 - v0)
         grid = (triton.cdiv(n, bm), triton.cdiv(v1 - v0, bn))
         _linear_dz_kernel[grid](
             x, w, b if b is not None else x, labels, lse, ent, g_lp, g_h, dz,
@@ -338,10 +359,12 @@ def _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, inv_t, ws_b
             HAS_BIAS=b is not None, IEEE=x.dtype == torch.float32 or interpreting(),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3,
         )
+        check_written("linear_logprob_entropy dZ kernel", dz=dz)
         torch.mm(dz.t(), x, out=dw[v0:v1])  # GEMM reduces over all N in fp32, one rounding
         _mm_acc_(dx32, dz, w[v0:v1])
         if db is not None:
             db[v0:v1] = dz.sum(0, dtype=torch.float32)
+    check_written("linear_logprob_entropy recompute backward", dw=dw, db=db)
     return dx32.to(x.dtype), dw, db
 
 
@@ -350,12 +373,12 @@ def _triton_fused(x, w, b, labels, inv_t, chunk, grad_fn):
     the per-token upstream gradients, the row kernel turns the stored logits into dZ, two GEMMs follow."""
     n, h = x.shape
     v = w.shape[0]
-    zbuf = torch.empty(min(chunk, n), v, dtype=torch.float32, device=x.device)
-    dzbuf = zbuf if w.dtype == torch.float32 else torch.empty(min(chunk, n), v, dtype=w.dtype, device=x.device)
-    logp = torch.empty(n, dtype=torch.float32, device=x.device)
-    ent = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
-    dx = torch.empty_like(x)
+    zbuf = scratch(min(chunk, n), v, dtype=torch.float32, device=x.device)
+    dzbuf = zbuf if w.dtype == torch.float32 else scratch(min(chunk, n), v, dtype=w.dtype, device=x.device)
+    logp = scratch(n, dtype=torch.float32, device=x.device)
+    ent = scratch_like(logp)
+    lse = scratch_like(logp)
+    dx = scratch_like(x)
     dw = torch.zeros(v, h, dtype=torch.float32, device=x.device)
     db = torch.zeros(v, dtype=torch.float32, device=x.device) if b is not None else None
     for a in range(0, n, chunk):
@@ -367,10 +390,12 @@ def _triton_fused(x, w, b, labels, inv_t, chunk, grad_fn):
         g_lp, g_h = grad_fn(a, e_, lp, en)
         dz = dzbuf[: e_ - a]
         triton_row_grad(z, lab, ls, en, g_lp.float().contiguous(), g_h.float().contiguous(), inv_t, dz, z_scale=1.0)
+        check_written("linear_logprob_entropy row-grad kernel", dz=dz)
         torch.mm(dz, w, out=dx[a:e_])
         _mm_acc_(dw, dz.t(), xc)
         if db is not None:
             db.add_(dz.sum(0, dtype=torch.float32))
+    check_written("linear_logprob_entropy fused pass", logp=logp, entropy=ent, lse=lse, dx=dx)
     return logp, ent, lse, dx, dw, db
 
 
@@ -425,7 +450,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         g_lp = torch.zeros(n, device=x.device) if g_lp is None else g_lp.float().contiguous()
         g_h = torch.zeros(n, device=x.device) if g_h is None else g_h.float().contiguous()
         if ctx.triton_path:
-            dx, dw, db = _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, ctx.inv_t, 256 << 20)
+            dx, dw, db = _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, ctx.inv_t)
         else:
             dx, dw, db = _torch_pass(x, w, b, labels, ctx.inv_t, ctx.chunk, saved=(lse, ent, g_lp, g_h))
         return dx, dw.to(w.dtype), None if db is None else db.to(b.dtype), None, None, None, None
@@ -494,7 +519,7 @@ def linear_logprob_entropy_with_grad(
             g_lp, g_h = grad_fn(0, x.shape[0], logp, ent)
             g_lp, g_h = g_lp.float().contiguous(), g_h.float().contiguous()
             if tp:
-                dx, dw, db = _triton_recompute_backward(x, w, b, lab, lse, ent, g_lp, g_h, inv_t, 256 << 20)
+                dx, dw, db = _triton_recompute_backward(x, w, b, lab, lse, ent, g_lp, g_h, inv_t)
             else:
                 dx, dw, db = _torch_pass(x, w, b, lab, inv_t, chunk, saved=(lse, ent, g_lp, g_h))
             return logp, ent, dx, dw, db

@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from .utils import HAS_TRITON, Backend, check_float, row_block, use_triton
+from .utils import (
+    HAS_TRITON,
+    Backend,
+    check_float,
+    check_written,
+    row_block,
+    scratch,
+    scratch_like,
+    use_triton,
+)
 
 if HAS_TRITON:
     import triton
@@ -84,11 +93,12 @@ def triton_row_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse), fp32 [R], of rows of z (any float dtype, unit column stride)."""
     rows, v = z.shape
-    logp = torch.empty(rows, device=z.device, dtype=torch.float32)
-    ent = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    logp = scratch(rows, device=z.device, dtype=torch.float32)
+    ent = scratch_like(logp)
+    lse = scratch_like(logp)
     if rows:
         _lpe_fwd_kernel[(rows,)](z, z.stride(0), labels, logp, ent, lse, v, inv_t, BLOCK=row_block(v), num_warps=8)
+        check_written("logprob_entropy stats kernel", logp=logp, entropy=ent, lse=lse)
     return logp, ent, lse
 
 
@@ -113,6 +123,7 @@ def triton_row_grad(
             z, z.stride(0), out, out.stride(0), labels, lse, ent, g_lp, g_h, v,
             inv_t if z_scale is None else z_scale, inv_t, BLOCK=block, num_warps=8,
         )
+        check_written("logprob_entropy row-grad kernel", dlogits=out)
     return out
 
 
@@ -174,21 +185,22 @@ def _rows_per_chunk(v: int, budget_bytes: int = 32 << 20) -> int:
 
 def _torch_forward(logits: torch.Tensor, labels: torch.Tensor, inv_t: float):
     n, v = logits.shape
-    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    ent = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    logp = scratch(n, dtype=torch.float32, device=logits.device)
+    ent = scratch_like(logp)
+    lse = scratch_like(logp)
     step = _rows_per_chunk(v)
     for a in range(0, n, step):
         z = logits[a : a + step].to(torch.float32, copy=True)  # a copy: the caller's logits stay intact
         if inv_t != 1.0:
             z.mul_(inv_t)
         logp[a : a + step], ent[a : a + step], lse[a : a + step], *_ = torch_row_stats_(z, labels[a : a + step])
+    check_written("logprob_entropy torch forward", logp=logp, entropy=ent, lse=lse)
     return logp, ent, lse
 
 
 def _torch_backward(logits, labels, lse, ent, g_lp, g_h, inv_t):
     n, v = logits.shape
-    grad = torch.empty_like(logits)
+    grad = scratch_like(logits)
     step = _rows_per_chunk(v)
     for a in range(0, n, step):
         b = min(n, a + step)
@@ -197,6 +209,7 @@ def _torch_backward(logits, labels, lse, ent, g_lp, g_h, inv_t):
         p = torch.exp(z)
         torch_row_grad_(z, p, torch.ones_like(lse[a:b]), -ent[a:b], labels[a:b], g_lp[a:b], g_h[a:b], inv_t)
         grad[a:b] = z
+    check_written("logprob_entropy torch backward", dlogits=grad)
     return grad
 
 
@@ -221,7 +234,7 @@ class LogprobEntropyFunction(torch.autograd.Function):
         g_lp = torch.zeros(n, device=logits.device) if g_lp is None else g_lp.float().contiguous()
         g_h = torch.zeros(n, device=logits.device) if g_h is None else g_h.float().contiguous()
         if ctx.triton_path:
-            grad = triton_row_grad(logits, labels, lse, ent, g_lp, g_h, ctx.inv_t, torch.empty_like(logits))
+            grad = triton_row_grad(logits, labels, lse, ent, g_lp, g_h, ctx.inv_t, scratch_like(logits))
         else:
             grad = _torch_backward(logits, labels, lse, ent, g_lp, g_h, ctx.inv_t)
         return grad, None, None, None

@@ -25,7 +25,7 @@ import torch
 
 from .cov_clip import clip_cov_mask, kl_cov_mask
 from .linear_logprob_entropy import linear_logprob_entropy_stats, linear_logprob_entropy_with_grad
-from .utils import HAS_TRITON, Backend, use_triton
+from .utils import HAS_TRITON, Backend, check_written, scratch, scratch_like, use_triton
 
 LOSS_MODES = {"vanilla": 0, "clip_cov": 1, "kl_cov": 2, "gpg": 3}
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -143,10 +143,10 @@ def token_loss_terms(lp, old, a, sel, w, s, mode, lo, hi, clip_c, kl_coef, trito
     if not triton_path:
         return _token_terms_torch(lp, old, a, sel, w, s, mode, lo, hi, clip_c, kl_coef)
     n = lp.numel()
-    loss = torch.empty_like(lp)
-    grad = torch.empty_like(lp)
-    kl = torch.empty_like(lp)
-    flag = torch.empty(n, dtype=torch.int8, device=lp.device)
+    loss = scratch_like(lp)
+    grad = scratch_like(lp)
+    kl = scratch_like(lp)
+    flag = scratch(n, dtype=torch.int8, device=lp.device)
     if n:
         block = 1024
         _token_loss_kernel[(triton.cdiv(n, block),)](
@@ -154,6 +154,7 @@ def token_loss_terms(lp, old, a, sel, w, s, mode, lo, hi, clip_c, kl_coef, trito
             loss, grad, flag, kl, n, lo, hi, clip_c, kl_coef,
             MODE=LOSS_MODES[mode], HAS_W=w is not None, BLOCK=block,
         )
+        check_written("policy loss token kernel", loss=loss, grad=grad, flag=flag, kl=kl)
     return loss, grad, flag, kl
 
 
@@ -384,9 +385,9 @@ def fused_linear_policy_loss(
     ew = None if entropy_weights is None else torch.broadcast_to(entropy_weights, labels.shape).reshape(-1).float()
     s = agg_scale(response_mask, loss_agg_mode, denominator, norm_length).reshape(-1).contiguous()
     sel_flat = (sel.reshape(-1) if sel is not None else torch.zeros(n, dtype=torch.bool, device=dev)).contiguous()
-    loss_tok = torch.empty(n, dtype=torch.float32, device=dev)
-    flags = torch.empty(n, dtype=torch.int8, device=dev)
-    kls = torch.empty(n, dtype=torch.float32, device=dev)
+    loss_tok = scratch(n, dtype=torch.float32, device=dev)
+    flags = scratch(n, dtype=torch.int8, device=dev)
+    kls = scratch(n, dtype=torch.float32, device=dev)
     tp = use_triton(old, backend)
     lo, hi = 1 - clip_ratio_low, 1 + clip_ratio_high
 
@@ -404,6 +405,7 @@ def fused_linear_policy_loss(
     logp, ent, dx, dw, db = linear_logprob_entropy_with_grad(
         hidden.detach(), weight.detach(), labels, grad_fn, mode=backward_mode, **lin
     )
+    check_written("fused_linear_policy_loss", loss=loss_tok, flags=flags, kl=kls)
     loss = (loss_tok * s).sum()
     if entropy_coeff != 0.0:
         h = ent if ew is None else ent * ew

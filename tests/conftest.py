@@ -5,8 +5,14 @@ Triton decides at ``@triton.jit`` decoration time whether a kernel runs under it
 modules outside ``tests/kernels`` (dispatch, trainer, faults) import it too, and they are collected
 first; setting the variable in ``tests/kernels/conftest.py`` alone is therefore too late. An explicit
 ``TRITON_INTERPRET=0`` (a GPU machine running the kernels natively) is kept.
+
+``SPEAR_KERNELS_POISON=1``: the whole suite runs with the kernels' debug switch on, so every scratch
+buffer they allocate starts as NaN of a known bit pattern and each kernel's outputs are checked for
+elements it never wrote (see ``spear_kernels.utils.scratch``). A read of unwritten memory then fails
+every run instead of one run in a few. ``SPEAR_KERNELS_POISON=0`` turns it off.
 """
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SPEAR_KERNELS_POISON", "1")
