@@ -114,6 +114,11 @@ class RolloutBatch:
     episode_lengths: np.ndarray
     episode_tool_calls: np.ndarray
     success: np.ndarray
+    turn_spans: list[list[tuple[int, int]]]
+    """Per row, the [start, end) of each sampled turn in the response region (step layout: one span,
+    the whole response; trajectory layout: one per turn, observation tokens between them)."""
+    turn_texts: list[list[str]]
+    """Per row, the decoded text of each sampled turn (aligned with ``turn_spans``)."""
 
     def __len__(self) -> int:
         return int(self.responses.shape[0])
@@ -123,8 +128,22 @@ class RolloutBatch:
         return self.attention_mask.sum(-1)
 
     def policy_token_ids(self) -> list[list[int]]:
-        """Per row, the sampled token ids (what the Dr.BoT filters inspect)."""
+        """Per row, the sampled token ids."""
         return [row[m.bool()].tolist() for row, m in zip(self.responses, self.policy_mask)]
+
+    def turn_samples(self) -> tuple[list[tuple[int, int, int]], list[list[int]], list[str]]:
+        """Every sampled turn as (row, start, end) with its token ids and text: the unit the Dr.BoT
+        response filters judge. In the step layout a turn is a row; in the trajectory layout a row holds
+        an episode's turns, and each is judged alone against the per-turn budget
+        ``data.max_response_length``, as the same turn would be in the step layout."""
+        spans, ids, texts = [], [], []
+        for i, (row_spans, row_texts) in enumerate(zip(self.turn_spans, self.turn_texts)):
+            tokens = self.responses[i]
+            for (start, end), text in zip(row_spans, row_texts):
+                spans.append((i, start, end))
+                ids.append(tokens[start:end].tolist())
+                texts.append(text)
+        return spans, ids, texts
 
     def select(self, index: np.ndarray | list[int]) -> RolloutBatch:
         """The rows at ``index`` (in that order)."""
@@ -193,6 +212,8 @@ class RolloutBatch:
             episode_lengths=np.array([e.length for e in first], dtype=np.int64),
             episode_tool_calls=np.array([e.tool_calls for e in first], dtype=np.int64),
             success=np.array([e.success for e in first], dtype=bool),
+            turn_spans=[r.spans for r in rows],
+            turn_texts=[r.texts for r in rows],
         )
 
 
@@ -210,27 +231,33 @@ class _Row:
     observation: str
     invalid: int
     reward: float
+    spans: list[tuple[int, int]]
+    texts: list[str]
 
     @classmethod
     def of_turn(cls, episode: Episode, k: int, turn: Turn) -> _Row:
-        return cls(episode, k, list(turn.prompt_ids), list(turn.response_ids), [1] * len(turn.response_ids),
+        n = len(turn.response_ids)
+        return cls(episode, k, list(turn.prompt_ids), list(turn.response_ids), [1] * n,
                    list(turn.response_logp), turn.response_text, turn.observation, int(not turn.action_valid),
-                   turn.reward)  # fmt: skip
+                   turn.reward, [(0, n)], [turn.response_text])  # fmt: skip
 
     @classmethod
     def of_episode(cls, episode: Episode) -> _Row:
         response: list[int] = []
         policy: list[int] = []
         logp: list[float] = []
+        spans: list[tuple[int, int]] = []
         for k, turn in enumerate(episode.turns):
             if k > 0:
                 response += turn.prompt_ids
                 policy += [0] * len(turn.prompt_ids)
                 logp += [0.0] * len(turn.prompt_ids)
+            spans.append((len(response), len(response) + len(turn.response_ids)))
             response += turn.response_ids
             policy += [1] * len(turn.response_ids)
             logp += list(turn.response_logp)
         first = episode.turns[0]
-        return cls(episode, 0, list(first.prompt_ids), response, policy, logp,
-                   "\n".join(t.response_text for t in episode.turns), first.observation,
-                   sum(not t.action_valid for t in episode.turns), episode.reward)  # fmt: skip
+        texts = [t.response_text for t in episode.turns]
+        return cls(episode, 0, list(first.prompt_ids), response, policy, logp, "\n".join(texts),
+                   first.observation, sum(not t.action_valid for t in episode.turns), episode.reward, spans,
+                   texts)  # fmt: skip

@@ -102,7 +102,8 @@ def compute_response_flags(
     ngram_n: int = REPETITION_NGRAM,
     ngram_threshold: int = REPETITION_MIN_COUNT,
 ) -> dict[str, np.ndarray]:
-    """The four flags per step-sample (bool arrays under :data:`FLAG_KEYS`).
+    """The four flags per step-sample, or per turn of a trajectory-layout row (bool arrays under
+    :data:`FLAG_KEYS`).
 
     ``response_ids[i]``: the valid (unpadded) response token ids; ``response_texts[i]``: their
     decoding with special tokens kept (None allowed).
@@ -127,15 +128,19 @@ def apply_response_filters(
     is_overlong: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
     is_repetitive: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
     is_unreadable: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
+    spans: Sequence[tuple[int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Zero the ``response_mask`` rows of flagged samples; a flag left None is a disabled filter.
+    """Zero the ``response_mask`` tokens of flagged samples; a flag left None is a disabled filter.
 
-    Applied in the official order (incomplete, overlong, repetitive, unreadable). Metrics: for each
-    enabled filter the number of rows it flags (overlaps count in each), under
-    :data:`FILTER_METRICS` names. Returns a new mask of the same dtype.
+    A sample is a row (``spans`` None: the official step layout) or, with ``spans``, the tokens
+    ``[start, end)`` of row ``row`` for each ``(row, start, end)`` (a turn of a trajectory-layout row),
+    and the flags have one entry per sample. Applied in the official order (incomplete, overlong,
+    repetitive, unreadable). Metrics: for each enabled filter the number of samples it flags (overlaps
+    count in each), under :data:`FILTER_METRICS` names. Returns a new mask of the same dtype.
     """
     flags = dict(zip(FLAG_KEYS, (is_incomplete, is_overlong, is_repetitive, is_unreadable)))
     mask = response_mask.clone()
+    n_samples = mask.shape[0] if spans is None else len(spans)
     metrics: dict[str, int] = {}
     for key in FLAG_KEYS:
         flag = flags[key]
@@ -143,11 +148,16 @@ def apply_response_filters(
             continue
         if isinstance(flag, torch.Tensor):
             flag = flag.detach().cpu().numpy()
-        rows = torch.as_tensor(np.asarray(flag, dtype=bool), device=mask.device)
-        if rows.shape != mask.shape[:1]:
-            raise ValueError(f"{key} has {tuple(rows.shape)} entries for {mask.shape[0]} rows")
-        mask[rows] = 0
-        metrics[FILTER_METRICS[key]] = int(rows.sum().item())
+        flagged = np.asarray(flag, dtype=bool)
+        if flagged.shape != (n_samples,):
+            raise ValueError(f"{key} has {flagged.shape} entries for {n_samples} samples")
+        if spans is None:
+            mask[torch.as_tensor(flagged, device=mask.device)] = 0
+        else:
+            for sample in np.flatnonzero(flagged):
+                row, start, end = spans[sample]
+                mask[row, start:end] = 0
+        metrics[FILTER_METRICS[key]] = int(flagged.sum())
     return mask, metrics
 
 
