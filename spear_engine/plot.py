@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from spear_engine.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PANELS = [
     ("success rate", [("episode/success_rate", "train"), ("val/success_rate", "eval")]),
@@ -21,17 +25,28 @@ PANELS = [
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``<run>/curves.png`` (or ``out``) and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = read_metrics(run_dir)
     if not records:
         raise FileNotFoundError(f"{Path(run_dir) / 'metrics.jsonl'} has no metrics to plot")
+    fig = curves_figure(records, Path(run_dir).name)
+    path = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def training_steps(records: list[dict[str, Any]]) -> int:
+    """The number of training steps in ``records``: distinct steps >= 1 (the SFT warm-up is logged as step 0)."""
+    return len({int(r["step"]) for r in records if int(r.get("step", 0)) >= 1})
+
+
+def curves_figure(records: list[dict[str, Any]], name: str) -> Figure:
+    """The panels of :data:`PANELS` over the metrics records, titled ``<name>: <n> steps``."""
+    from matplotlib.figure import Figure
+
     cols = 3
     rows = (len(PANELS) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(5 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (title, series) in zip(axes.flat, PANELS):
         drawn = False
         for key, label in series:
@@ -49,9 +64,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     for ax in list(axes.flat)[len(PANELS) :]:
         ax.axis("off")
-    fig.suptitle(f"{Path(run_dir).name}: {len(records)} steps")
+    steps = training_steps(records)
+    warmup = " + SFT warm-up" if any(int(r.get("step", 0)) == 0 for r in records) else ""
+    fig.suptitle(f"{name}: {steps} step{'' if steps == 1 else 's'}{warmup}")
     fig.tight_layout()
-    path = Path(out) if out is not None else Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return fig
