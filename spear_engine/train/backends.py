@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +43,7 @@ class Backend(Protocol):
         ...
 
     def state_dict(self) -> dict[str, Any]:
-        """What goes into the checkpoint's state.pt (model and optimizer for plain torch)."""
+        """What goes into the checkpoint's state (model and optimizer for plain torch): tensors and plain data."""
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -104,7 +107,7 @@ class TorchBackend:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def write_extra(self, folder: Path) -> None:
-        del folder  # everything is in state.pt
+        del folder  # everything is in the checkpoint's state files
 
     def read_extra(self, folder: Path) -> None:
         del folder
@@ -201,4 +204,45 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(folder / "zero"), tag="shards", client_state={})
 
     def read_extra(self, folder: Path) -> None:
-        self.engine.load_checkpoint(str(folder / "zero"), tag="shards")
+        """Load this rank's ZeRO-3 shards, weights-only. DeepSpeed's own loader unpickles them with
+        ``torch.load(weights_only=False)``; for this call its checkpoint engine's ``load`` (through which the
+        ZeRO-3 load reads every file) is replaced by :func:`safe_torch_load` allowing only the two DeepSpeed types
+        the shards hold, and ``torch.load`` is forced weights-only in case a DeepSpeed path reads a file directly.
+        A shard that pickles anything else raises ``CheckpointError`` before any of it runs."""
+        from spear_engine.train.checkpoint import CheckpointError, safe_torch_load
+
+        allowed = _zero_shard_globals()
+        checkpoint_engine = self.engine.checkpoint_engine
+        checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, allowed, map_location)
+        try:
+            with torch.serialization.safe_globals(allowed), _forced_weights_only_load():
+                self.engine.load_checkpoint(str(folder / "zero"), tag="shards")
+        except pickle.UnpicklingError as err:  # a direct torch.load of DeepSpeed's, refused by the forced mode
+            raise CheckpointError(f"checkpoint {folder}: a ZeRO-3 shard holds objects other than tensors and plain "
+                                  f"data ({str(err).splitlines()[0]}); it is refused, nothing in it was run") from None  # fmt: skip
+        finally:
+            del checkpoint_engine.load  # the class's own method again
+
+
+def _zero_shard_globals() -> list[Any]:
+    """The only non-builtin types DeepSpeed's ZeRO-3 shards pickle (0.19, fp32 and bf16, listed by
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``); the rest is tensors and plain data."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, ZeroStageEnum]
+
+
+@contextmanager
+def _forced_weights_only_load() -> Iterator[None]:
+    """Every ``torch.load`` in the block runs weights-only, even one that asks for ``weights_only=False``."""
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value

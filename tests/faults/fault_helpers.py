@@ -284,9 +284,12 @@ def save_forever(run_dir: str, first_step: int, keep_last: int, started: Any = N
 
 def save_and_die_before(run_dir: str, step: int, keep_last: int, kill_before: int) -> None:
     """Save one checkpoint, SIGKILLing this process just before its ``kill_before``-th file-system operation
-    (mkdir, torch.save, write_text, fsync, rename, rmtree); exits normally if the save has fewer."""
+    (mkdir, safetensors save_file, torch.save, write_text, fsync, rename, rmtree); exits normally if the save
+    has fewer."""
     import shutil
     import signal
+
+    import safetensors.torch
 
     from spear_engine.train.checkpoint import save_checkpoint
 
@@ -303,5 +306,6 @@ def save_and_die_before(run_dir: str, step: int, keep_last: int, kill_before: in
 
     os.mkdir, os.fsync, os.rename = killing(os.mkdir), killing(os.fsync), killing(os.rename)
     shutil.rmtree, torch.save = killing(shutil.rmtree), killing(torch.save)
+    safetensors.torch.save_file = killing(safetensors.torch.save_file)
     Path.write_text = killing(Path.write_text)  # type: ignore[method-assign]
     save_checkpoint(run_dir, step, checkpoint_content(step, floats=1000), keep_last=keep_last)
