@@ -143,9 +143,16 @@ class AlgorithmConfig(Section):
     """Discount of GiGPO step returns (scripts 0.95)."""
     gigpo: GiGPOConfig = Field(default_factory=GiGPOConfig)
     use_kl_in_reward: bool = False
-    """KL-in-reward against the reference policy (off in every SPEAR / Dr.BoT script)."""
+    """KL-in-reward against the reference policy, as verl's ``apply_kl_penalty``: after the invalid-action
+    penalty, ``token_level_rewards = token_level_scores - kl_coef * KL(old_log_prob, ref_log_prob)`` on every
+    sampled token, then advantages; logs ``actor/reward_kl_penalty(_coeff)``. Builds the reference model
+    (a frozen copy of the initial policy) even when ``actor.use_kl_loss`` is off. Off in every SPEAR /
+    Dr.BoT script."""
     kl_penalty: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "kl"
-    kl_coef: float = 0.001
+    """KL estimator of KL-in-reward (verl yaml ``kl``): k1 = delta, abs, k2 = delta^2/2, k3 = low-variance."""
+    kl_coef: float = Field(0.001, ge=0)
+    """beta of KL-in-reward (verl ``algorithm.kl_ctrl.kl_coef`` with the default fixed controller; the
+    adaptive controller is not implemented)."""
     # --- intrinsic tool-call reward (spec 4) -------------------------------------------------
     use_toolcall_reward: Literal["none", "constant", "cosine"] = "none"
     """Schedule of the tool-call bonus: none, constant, or cosine decay 1 -> 0 over max_toolcall_steps."""
@@ -248,27 +255,36 @@ class RolloutConfig(Section):
     rollout_filter_type: Literal["std", "std_rev"] = "std"
     rollout_filter_pow2_subsample: bool = False
     """Official quirk: after the group filter, shuffle and keep the first 2^floor(log2 n) step-samples."""
-    rollout_is: Literal["none", "token", "sequence"] = "none"
-    """Rollout/trainer mismatch correction: truncated importance weights pi_train_old / pi_rollout per token
-    or per sequence (geometric mean), capped at ``rollout_is_threshold``, multiplying the policy loss. The
-    mismatch (KL, max ratio) is logged whatever this says."""
+    rollout_is: Literal["none", "token", "sequence", "geometric"] = "none"
+    """Rollout/trainer mismatch correction, verl's levels: truncated importance weights pi_train_old /
+    pi_rollout per token (``token``), per sequence as the product of its token ratios (``sequence``) or as
+    their geometric mean (``geometric``), capped at ``rollout_is_threshold``, multiplying the policy loss.
+    The mismatch (KL, max ratio) is logged whatever this says."""
     rollout_is_threshold: float = Field(2.0, gt=0)
     weight_sync_bucket_mb: float = Field(256.0, gt=0)
     """Bucket size of the weight sync into the rollout engine (ZeRO-3 parameters gathered per bucket)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    """vLLM on GPU only: the share of GPU memory its KV cache may take."""
+    """``rollout.name=vllm``: passed to ``vllm.LLM`` - the share of GPU memory vLLM may take (weights,
+    activations, KV cache). On CPU the engine sizes the KV cache explicitly (1 GiB), which vLLM puts first.
+    verl yaml 0.5; the official SPEAR scripts 0.6."""
 
 
 class DataConfig(Section):
     train_batch_size: int = Field(32, ge=1)
     """Prompt groups (environments) per training step."""
     val_batch_size: int = Field(128, ge=1)
+    """Eval episodes run at once (all ranks together; the verl-agent number of validation envs): an
+    evaluation of ``trainer.val_episodes`` episodes runs in blocks of this many, so at most this many
+    episodes (envs, sequences in a generate call) run together."""
     max_prompt_length: int = Field(2048, ge=1)
     max_response_length: int = Field(512, ge=1)
     """Per-turn response budget; also the Dr.BoT overlong threshold."""
     pad_batch_by_duplication: bool = False
-    """Official ``adjust_batch(mode="copy")``: duplicate random samples until the batch divides the mini-batch
-    size; the duplicates take part in group statistics."""
+    """Official ``adjust_batch(mode="copy")``, right after the rollout: append copies of random rows (seeded
+    by trainer.seed, the step and the rank) until the batch size divides
+    ``lcm(actor.ppo_micro_batch_size_per_gpu x W, actor.ppo_mini_batch_size)`` (W ranks: each rank pads its own
+    rows to a multiple of that / W); the copies keep their group and trajectory ids, so they take part in
+    every group statistic and in the loss (spec 0)."""
 
 
 class EnvRolloutConfig(Section):

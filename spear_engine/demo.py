@@ -22,6 +22,7 @@ from spear_engine.data import Episode, RolloutBatch, load_episodes
 from spear_engine.pipeline import (
     compute_advantages,
     filter_groups,
+    pad_batch,
     schedule_metrics,
     score_and_filter,
     sil_batch,
@@ -108,7 +109,10 @@ def run(config: SpearConfig, steps: int, seed: int = 0, recording: str | Path | 
     for step in range(1, steps + 1):
         episodes = rollouts[(step - 1) % len(rollouts)]
         metrics: dict[str, float] = {"step": float(step), **schedule_metrics(config, step), **episode_metrics(episodes)}
-        scored, m = score_and_filter(config, RolloutBatch.from_episodes(episodes), step)
+        rng = np.random.default_rng((seed % 2**32, step))
+        batch, m = pad_batch(config, RolloutBatch.from_episodes(episodes), rng)
+        metrics.update(m)
+        scored, m = score_and_filter(config, batch, step)
         metrics.update(m)
         metrics["filtered_rows"] = float((scored.response_mask.sum(-1) == 0).sum())
         scored, m = filter_groups(config, scored, seed + step)

@@ -18,12 +18,17 @@ from spear_engine.algorithms.advantages import (
     compute_step_discounted_returns,
     episode_norm_reward,
 )
+from spear_engine.algorithms.batching import duplication_indices, pad_size_divisor
 from spear_engine.algorithms.filters import (
     apply_response_filters,
     compute_response_flags,
     filter_rollout_by_group_std,
 )
-from spear_engine.algorithms.rewards import apply_invalid_action_penalty, compute_step_scores
+from spear_engine.algorithms.rewards import (
+    apply_invalid_action_penalty,
+    apply_kl_penalty,
+    compute_step_scores,
+)
 from spear_engine.algorithms.schedules import replay_coefficient, toolcall_bonus_factor
 from spear_engine.algorithms.self_imitation import MASK_ATTENTION, MASK_RESPONSE, SILBatch
 from spear_engine.config import SpearConfig
@@ -52,8 +57,33 @@ def schedule_metrics(config: SpearConfig, step: int) -> dict[str, float]:
     }
 
 
+def pad_batch(
+    config: SpearConfig, batch: RolloutBatch, rng: np.random.Generator, world_size: int = 1
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """``data.pad_batch_by_duplication`` (official ``adjust_batch(mode="copy")``, spec 0): append copies of
+    random rows (seeded ``rng``) until the batch divides ``D = lcm(micro x W, ppo_mini_batch_size)``. The
+    copies keep their group / trajectory ids, so they enter every group statistic. One process pads exactly
+    as the official code; with W ranks each pads its own rows to a multiple of D / W, the official share of
+    a rank (rows never cross ranks, so the global batch is not padded as one)."""
+    if not config.data.pad_batch_by_duplication:
+        return batch, {}
+    actor = config.actor
+    global_divisor = pad_size_divisor(actor.ppo_micro_batch_size_per_gpu, actor.ppo_mini_batch_size, world_size)
+    divisor = global_divisor // world_size  # a multiple of the micro-batch size
+    extra = duplication_indices(len(batch), divisor, rng)
+    metrics = {"rollout/duplicated_rows": float(len(extra))}
+    if not len(extra):
+        return batch, metrics
+    return batch.select(np.concatenate([np.arange(len(batch)), extra])), metrics
+
+
 def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tuple[ScoredBatch, dict[str, float]]:
-    """Rewards with the tool-call bonus (spec 4), then the Dr.BoT response filters (spec 5.1)."""
+    """Rewards with the tool-call bonus (spec 4), then the Dr.BoT response filters (spec 5.1).
+
+    The filters judge each sampled turn: in the trajectory layout a turn that hit its own budget
+    (``data.max_response_length`` tokens), has no action, repeats itself or is unreadable loses its
+    tokens from the loss mask; the episode's other turns stay (as its other step-samples would in the
+    step layout)."""
     algo = config.algorithm
     policy_mask = batch.policy_mask.float()
     scores = compute_step_scores(
@@ -72,9 +102,10 @@ def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tup
     metrics: dict[str, float] = {}
     response_mask = policy_mask
     if filters_apply:
+        spans, turn_ids, turn_texts = batch.turn_samples()
         flags = compute_response_flags(
-            batch.policy_token_ids(),
-            batch.response_texts,
+            turn_ids,
+            turn_texts,
             max_response_len=config.data.max_response_length,
             ngram_n=algo.repetition_ngram,
             ngram_threshold=algo.repetition_min_count,
@@ -86,7 +117,7 @@ def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tup
             "is_unreadable": algo.filter_unreadable_responses,
         }
         response_mask, counts = apply_response_filters(
-            policy_mask, **{k: flags[k] if on else None for k, on in enabled.items()}
+            policy_mask, **{k: flags[k] if on else None for k, on in enabled.items()}, spans=spans
         )
         metrics.update({k: float(v) for k, v in counts.items()})
     return ScoredBatch(batch, scores, response_mask), metrics
@@ -119,23 +150,40 @@ class Advantages:
     """[B] the scalar advantage of each row (0 for a row whose mask is empty)."""
     episode_advantages: np.ndarray
     """[B] the episode-level part (GiGPO without its step term; GRPO: the same as row_advantages)."""
+    token_level_scores: torch.Tensor | None = None
+    """[B, L] the scores after the invalid-action penalty and before KL-in-reward (the official
+    ``reward_tensor`` the replay buffer stores); None = the same as ``token_level_rewards``."""
 
 
-def compute_advantages(config: SpearConfig, scored: ScoredBatch) -> tuple[Advantages, dict[str, float]]:
-    """Invalid-action penalty, then GRPO or GiGPO advantages (spec 6).
+def compute_advantages(
+    config: SpearConfig,
+    scored: ScoredBatch,
+    old_log_probs: torch.Tensor | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+) -> tuple[Advantages, dict[str, float]]:
+    """Invalid-action penalty, KL-in-reward when ``algorithm.use_kl_in_reward``, then GRPO or GiGPO
+    advantages (spec 6), in verl's order.
 
     The penalty is ``coef`` per invalid action of the row (a step-sample has 0 or 1; a trajectory row
-    of the trajectory layout pays for each of its invalid turns).
+    of the trajectory layout pays for each of its invalid turns). KL-in-reward needs ``old_log_probs`` and
+    ``ref_log_probs`` ([B, L], aligned with the responses) and penalises every sampled token.
     """
     algo, batch = config.algorithm, scored.batch
     policy_mask = batch.policy_mask.float()
     step_returns = None
     if algo.adv_estimator == "gigpo":
-        step_returns = compute_step_discounted_returns(batch.step_rewards, batch.traj_ids, algo.gamma)
+        step_returns = _step_returns(batch, algo.gamma)
     valid_weight = 1.0 - batch.invalid_actions.astype(np.float64)  # penalty = coef * (1 - weight)
     rewards, step_returns, metrics = apply_invalid_action_penalty(
         scored.token_level_scores, policy_mask, valid_weight, algo.invalid_action_penalty_coef, step_returns
     )
+    scores = rewards
+    if algo.use_kl_in_reward:
+        if old_log_probs is None or ref_log_probs is None:
+            raise ValueError("algorithm.use_kl_in_reward needs the old and the reference log-probs of the batch")
+        rewards, kl_metrics = apply_kl_penalty(scores, old_log_probs, ref_log_probs, policy_mask, algo.kl_coef,
+                                               algo.kl_penalty)  # fmt: skip
+        metrics.update(kl_metrics)
     metrics["valid_action_ratio"] = float(batch.action_valid.mean())
     mask = scored.response_mask
     if algo.adv_estimator == "grpo":
@@ -160,7 +208,23 @@ def compute_advantages(config: SpearConfig, scored: ScoredBatch) -> tuple[Advant
     row = _row_scalar(adv, mask)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["critic/advantages/mean"] = float(row.mean()) if len(row) else 0.0
-    return Advantages(rewards, adv, row, _row_scalar(episode, mask)), metrics
+    return Advantages(rewards, adv, row, _row_scalar(episode, mask), scores), metrics
+
+
+def _step_returns(batch: RolloutBatch, gamma: float) -> torch.Tensor:
+    """GiGPO discounted step returns. The official code computes them before ``adjust_batch``, so a copy made
+    by ``data.pad_batch_by_duplication`` carries its original's return: the recursion runs over the first
+    row of each (trajectory, step) and copies get that row's value (without copies: every row itself)."""
+    keys = list(zip(batch.traj_ids.tolist(), batch.step_index.tolist()))
+    first: dict[tuple[int, int], int] = {}
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    if len(first) == len(keys):
+        return compute_step_discounted_returns(batch.step_rewards, batch.traj_ids, gamma)
+    originals = np.fromiter(first.values(), dtype=np.int64)
+    unique = compute_step_discounted_returns(batch.step_rewards[originals], batch.traj_ids[originals], gamma)
+    position = {key: i for i, key in enumerate(first)}
+    return unique[torch.as_tensor([position[key] for key in keys])]
 
 
 def _row_scalar(token_values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -174,7 +238,8 @@ def sil_batch(scored: ScoredBatch, advantages: Advantages, old_log_probs: torch.
     """The rows offered to the replay buffer: prompt + response tokens with flag bytes.
 
     Prompt (and observation) tokens carry no flag; sampled tokens carry MASK_ATTENTION, and
-    MASK_RESPONSE when they survived the Dr.BoT filters. ``scores`` are the summed token-level rewards (bonus and penalty in).
+    MASK_RESPONSE when they survived the Dr.BoT filters. ``scores`` are the summed token-level scores (bonus and
+    penalty in, KL-in-reward out, as the official ``reward_tensor``).
     """
     batch = scored.batch
     tokens, logp, flags, lengths = [], [], [], []
@@ -195,7 +260,8 @@ def sil_batch(scored: ScoredBatch, advantages: Advantages, old_log_probs: torch.
         lengths=np.array(lengths),
         group_ids=batch.group_ids,
         traj_ids=batch.traj_ids,
-        scores=advantages.token_level_rewards.sum(-1).double().numpy(),
+        scores=(advantages.token_level_rewards if advantages.token_level_scores is None
+                else advantages.token_level_scores).sum(-1).double().numpy(),
         advantages=advantages.row_advantages,
         episode_advantages=advantages.episode_advantages,
     )

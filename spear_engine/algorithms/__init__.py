@@ -3,7 +3,7 @@
 verl 0.9.1 names and signatures where verl has the same function (swap-in compatible); SPEAR
 additions documented in each module. Modules: :mod:`.token_ops` (masked reductions, log-probs,
 entropy), :mod:`.losses` (policy losses, aggregation, KL), :mod:`.advantages` (GRPO, GiGPO),
-:mod:`.rewards` (tool-call bonus, invalid-action penalty), :mod:`.schedules` (cosine schedules),
+:mod:`.rewards` (tool-call bonus, invalid-action penalty, KL-in-reward), :mod:`.schedules` (cosine schedules),
 :mod:`.filters` (Dr.BoT response filters, group-std rollout filter).
 """
 
@@ -57,6 +57,7 @@ from spear_engine.algorithms.losses import (
 from spear_engine.algorithms.rewards import (
     TOOLCALL_COUNT_RULES,
     apply_invalid_action_penalty,
+    apply_kl_penalty,
     compute_step_scores,
     last_token_index,
     place_scores,
@@ -87,6 +88,7 @@ __all__ = [
     "actor_loss",
     "agg_loss",
     "apply_invalid_action_penalty",
+    "apply_kl_penalty",
     "apply_response_filters",
     "build_step_group",
     "compute_entropy_loss",

@@ -9,6 +9,9 @@ subtracts ``coef`` at the same token (and from GiGPO step returns).
 Where "the last valid response token" is: the last position whose mask is non-zero. A row whose
 mask is empty puts its score in the last column, as the official index ``valid_length - 1 = -1``
 does, so the score still counts in ``sum(-1)`` (group statistics) though no token trains on it.
+
+KL-in-reward (:func:`apply_kl_penalty`, ``algorithm.use_kl_in_reward``) comes after the penalty, as
+verl's ``apply_kl_penalty``: ``token_level_rewards = token_level_scores - beta * KL`` per token.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from spear_engine.algorithms.losses import kl_penalty as kl_estimate
 from spear_engine.algorithms.schedules import toolcall_bonus_factor
+from spear_engine.algorithms.token_ops import masked_mean
 
 TOOLCALL_COUNT_RULES = ("env_steps", "tool_calls")
 """What n counts (``algorithm.toolcall_count``): ``env_steps`` = active env steps of the trajectory,
@@ -143,3 +148,29 @@ def apply_invalid_action_penalty(
     new_step_rewards = None if step_rewards is None else step_rewards - penalty.to(step_rewards.dtype)
     metrics = {"valid_action_ratio": float(np.mean(valid)) if valid.size else float("nan")}
     return scores, new_step_rewards, metrics
+
+
+def apply_kl_penalty(
+    token_level_scores: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    ref_log_prob: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    kl_penalty: str = "kl",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL-in-reward, as verl's ``ray_trainer.apply_kl_penalty`` with the fixed KL controller.
+
+    ``kld = kl_penalty(old_log_prob, ref_log_prob) * response_mask`` per token (the estimator kinds of
+    :func:`~spear_engine.algorithms.losses.kl_penalty`: kl/k1, abs, mse/k2, low_var_kl/k3) and
+    ``token_level_rewards = token_level_scores - kl_coef * kld``. ``response_mask`` is the unfiltered
+    mask of sampled tokens (verl-agent: the response attention mask, or ``loss_mask`` multi-turn).
+    Metrics: ``actor/reward_kl_penalty`` = the batch mean of each row's masked-mean KL (an empty row
+    counts 0, as verl's ``masked_mean``) and ``actor/reward_kl_penalty_coeff`` = ``kl_coef``.
+    Only verl's default ``kl_ctrl.type: fixed`` is implemented (beta never changes); inputs are not modified.
+    """
+    mask = response_mask.to(token_level_scores.dtype)
+    kld = kl_estimate(old_log_prob.detach(), ref_log_prob.detach(), kl_penalty).to(mask.dtype) * mask
+    rewards = token_level_scores - kl_coef * kld
+    per_row = masked_mean(kld, mask, axis=-1)
+    current_kl = float(per_row.mean()) if per_row.numel() else 0.0
+    return rewards, {"actor/reward_kl_penalty": current_kl, "actor/reward_kl_penalty_coeff": float(kl_coef)}

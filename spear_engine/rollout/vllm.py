@@ -143,10 +143,13 @@ class VLLMEngine:
     def __init__(self, model: str | os.PathLike[str], *, dtype: str = "float32", seed: int = 0,
                  max_model_len: int | None = None, kv_cache_gb: float | None = None,
                  eos_token_ids: Iterable[int] | None = None, enforce_eager: bool = True,
-                 **llm_kwargs: Any) -> None:
+                 gpu_memory_utilization: float | None = None, **llm_kwargs: Any) -> None:
         """``model``: any name :func:`spear_engine.models.model_dir` resolves (built-ins, paths, cached hub ids).
         ``kv_cache_gb``: KV-cache size; default 1 GiB on CPU (vLLM's default there wants 92% of RAM free),
-        vLLM's own sizing on GPU. Extra keyword arguments go to ``vllm.LLM``."""
+        vLLM's own sizing on GPU. ``gpu_memory_utilization`` (``rollout.gpu_memory_utilization``): the share
+        of GPU memory vLLM may take for weights, activations and KV cache (None = vLLM's default); an
+        explicit KV-cache size (``kv_cache_gb``, the CPU default) takes precedence in vLLM's sizing.
+        Extra keyword arguments go to ``vllm.LLM``."""
         from spear_engine.models import model_dir
 
         dist = torch.distributed
@@ -167,6 +170,8 @@ class VLLMEngine:
             llm_kwargs.setdefault("max_num_batched_tokens", max(limit, 8192))
         if kv_cache_gb is not None:
             llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+        if gpu_memory_utilization is not None:
+            llm_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
         kwargs = dict(model=self.model_path, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                       enforce_eager=enforce_eager, max_model_len=max_model_len,
                       logprobs_mode="processed_logprobs", disable_log_stats=True, generation_config="vllm")

@@ -329,7 +329,11 @@ def load_checkpoint(folder: str | Path, rank: int = 0) -> dict[str, Any]:
     if not all(name in manifest.get("files", {}) for name in names):
         raise CheckpointError(f"checkpoint {folder}: the state of rank {rank} is not covered by its {MANIFEST}")
     try:
-        tensors = safetensors.torch.load_file(str(folder / tensor_file(rank)), device="cpu")
+        mapped = safetensors.torch.load_file(str(folder / tensor_file(rank)), device="cpu")
+        # Views of one copy-on-write map of the file: a tensor kept for the whole run (an Adam moment) would
+        # pin the map of every tensor, model weights included. Copies of their own let it go.
+        tensors = {key: value.clone() for key, value in mapped.items()}
+        del mapped
     except Exception as err:  # safetensors raises its own error type for a malformed file
         raise CheckpointError(f"checkpoint {folder}: {tensor_file(rank)} is not a valid safetensors file ({err})") from None
     skeleton = safe_torch_load(folder / state_file(rank))

@@ -31,6 +31,7 @@ from spear_engine.metrics import MetricsLogger, build_logger
 from spear_engine.pipeline import (
     compute_advantages,
     filter_groups,
+    pad_batch,
     schedule_metrics,
     score_and_filter,
     sil_batch,
@@ -69,6 +70,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_groups_per_rank(config: SpearConfig, world_size: int) -> None:
+    """Every rank needs at least one prompt group, and the group-std rollout filter must keep at least one
+    of a rank's groups (``int(ratio x groups)``): otherwise a step fails mid-way, so fail at start-up."""
+    groups = config.data.train_batch_size // world_size
+    ratio = config.rollout.rollout_filter_ratio
+    if groups >= 1 and (ratio >= 1 or int(ratio * groups) >= 1):
+        return
+    need = 1
+    while ratio < 1 and int(ratio * need) < 1:
+        need += 1
+    raise ConfigError(
+        f"data.train_batch_size={config.data.train_batch_size} prompt groups over {world_size} rank(s) gives "
+        f"{groups} group(s) per rank, and rollout.rollout_filter_ratio={ratio} keeps int({ratio} x {groups}) = "
+        f"{int(ratio * groups) if ratio < 1 else groups} of them. Set data.train_batch_size >= {need * world_size} "
+        f"(a multiple of {world_size}) or rollout.rollout_filter_ratio=1.0."
+    )
+
+
 class Trainer:
     """Builds the model, backend, rollout engine, agent loop and replay buffer from a config."""
 
@@ -87,12 +106,13 @@ class Trainer:
         self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                                 else self.tokenizer.eos_token_id)  # fmt: skip
         self.ref_policy = None
-        if config.actor.use_kl_loss:
+        if config.actor.use_kl_loss or config.algorithm.use_kl_in_reward:  # both need reference log-probs
             self.ref_policy = FusedHeadPolicy(copy.deepcopy(model).eval().requires_grad_(False),
                                               config.rollout.temperature)  # fmt: skip
         self.policy = FusedHeadPolicy(model, temperature=config.rollout.temperature)
         self.backend = self._build_backend()
         self.rank, self.world_size = self.backend.rank, self.backend.world_size
+        check_groups_per_rank(config, self.world_size)
         self.engine, self.engine_shares_weights = self._build_engine()
         env_kwargs = {"max_steps": config.env.max_steps, **config.env.kwargs}
         loop_config = AgentLoopConfig(
@@ -157,7 +177,8 @@ class Trainer:
         if cfg.rollout.name == "vllm":
             from spear_engine.rollout.vllm import VLLMEngine
 
-            return lambda: VLLMEngine(cfg.model.path, dtype=cfg.model.dtype, seed=cfg.trainer.seed + self.rank), False
+            return lambda: VLLMEngine(cfg.model.path, dtype=cfg.model.dtype, seed=cfg.trainer.seed + self.rank,
+                                      gpu_memory_utilization=cfg.rollout.gpu_memory_utilization), False
         from spear_engine.rollout.hf import HFEngine
 
         if cfg.trainer.backend == "torch":
@@ -187,6 +208,9 @@ class Trainer:
 
         mark = time.perf_counter()
         batch = RolloutBatch.from_episodes(episodes, self.pad_token_id, layout=cfg.rollout.layout)
+        pad_rng = np.random.default_rng((cfg.trainer.seed % 2**32, t, self.rank))  # a resumed run pads alike
+        batch, m = pad_batch(cfg, batch, pad_rng, self.world_size)
+        metrics.update(m)
         scored, m = score_and_filter(cfg, batch, t)
         metrics.update(m)
         scored, m = filter_groups(cfg, scored, cfg.trainer.seed * SEED_STRIDE + t)
@@ -208,7 +232,7 @@ class Trainer:
         timings["time/old_log_prob"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        advantages, m = compute_advantages(cfg, scored)
+        advantages, m = compute_advantages(cfg, scored, old_log_probs, ref)
         metrics.update(m)
         replay_rows, replay_before = None, None
         if self.sil is not None:
@@ -331,11 +355,12 @@ class Trainer:
         if ro.rollout_is == "none":
             return None, metrics
         if ro.rollout_is == "token":
-            weights = torch.exp(diff.clamp(max=math.log(ro.rollout_is_threshold)))
-        else:
-            per_row = diff.sum(-1) / mask.sum(-1).clamp_min(1)
-            weights = torch.exp(per_row.clamp(max=math.log(ro.rollout_is_threshold)))[:, None].expand_as(diff)
-        weights = weights * mask
+            log_w = diff
+        elif ro.rollout_is == "sequence":  # verl: the product of the row's token ratios
+            log_w = diff.sum(-1, keepdim=True).expand_as(diff)
+        else:  # "geometric": their geometric mean
+            log_w = (diff.sum(-1) / mask.sum(-1).clamp_min(1))[:, None].expand_as(diff)
+        weights = torch.exp(log_w.clamp(max=math.log(ro.rollout_is_threshold))) * mask
         metrics["mismatch/is_weight_mean"] = float(weights.sum() / count)
         return weights.detach(), metrics
 
@@ -385,14 +410,22 @@ class Trainer:
     # evaluation
     # -------------------------------------------------------------------------------------------
     def evaluate(self, episodes: int | None = None, greedy: bool = False) -> dict[str, float]:
-        """Success rate on the eval split: one episode per eval seed 0..n-1 (this rank's share)."""
+        """Success rate on the eval split: one episode per eval seed 0..n-1 (this rank's share), in blocks of
+        ``data.val_batch_size`` seeds (every rank runs every block, so collectives stay in step)."""
         n = episodes or self.config.trainer.val_episodes
-        seeds = [s for s in range(n) if s % self.world_size == self.rank]
+        block = self.config.data.val_batch_size
         ro = self.config.rollout
-        params = SamplingParams(max_new_tokens=self.config.data.max_response_length,
-                                temperature=0.0 if greedy else ro.val_temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                seed=self.config.trainer.seed * 31 + 5)  # fmt: skip
-        results, timing = self.agent_loop.run(seeds, 1, params, split="eval")
+        results: list[Episode] = []
+        timing = {"rollout/env_errors": 0.0, "rollout/env_timeouts": 0.0}
+        for start in range(0, n, block):
+            seeds = [s for s in range(start, min(start + block, n)) if s % self.world_size == self.rank]
+            params = SamplingParams(max_new_tokens=self.config.data.max_response_length,
+                                    temperature=0.0 if greedy else ro.val_temperature, top_p=ro.top_p,
+                                    top_k=ro.top_k, seed=self.config.trainer.seed * 31 + 5 + start)  # fmt: skip
+            episodes_done, part = self.agent_loop.run(seeds, 1, params, split="eval")
+            results += episodes_done
+            for key in timing:
+                timing[key] += part.get(key, 0.0)
         m = self._episode_metrics(results)
         faults = {f"val/{k.removeprefix('rollout/')}": timing[k] for k in ("rollout/env_errors", "rollout/env_timeouts")}
         return {**{f"val/{k.removeprefix('episode/')}": v for k, v in m.items()}, **faults}
