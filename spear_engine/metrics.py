@@ -122,7 +122,8 @@ class ConsoleProgress:
     there instead."""
 
     FIELDS = (("episode/success_rate", "success", "{:.2f}"), ("rollout/entropy", "entropy", "{:.3f}"),
-              ("trajectory_sft_buffersize", "buffer", "{:.0f}"), ("time/step", "s/step", "{:.1f}"))  # fmt: skip
+              ("trajectory_sft_buffersize", "buffer", "{:.0f}"), ("perf/mfu", "mfu", "{:.3f}"),
+              ("time/step", "s/step", "{:.1f}"))  # fmt: skip
 
     def __init__(
         self, total_steps: int, first_step: int = 0, description: str = "train", console: Any = None
@@ -203,6 +204,8 @@ class PlainProgress:
             parts.append(f"buffer {value('trajectory_sft_buffersize', '{:.0f}')}")
         if "val/success_rate" in metrics:
             parts.append(f"val success {value('val/success_rate', '{:.2f}')}")
+        if "perf/mfu" in metrics:
+            parts += [f"mfu {value('perf/mfu', '{:.3f}')}", f"pad eff {value('perf/padding_efficiency', '{:.2f}')}"]
         seconds = metrics.get("time/step", per_step)
         parts += [f"s/step {seconds:.1f}", f"elapsed {_hms(now - self._origin)}",
                   f"eta {_hms(per_step * max(self.total - step, 0))}"]  # fmt: skip

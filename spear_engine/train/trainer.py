@@ -49,6 +49,7 @@ from spear_engine.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from spear_engine.train.perf import TokenMeter, flop_params, gemm_flops_per_s
 from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch, response_aligned
 from spear_engine.train.update import LossRows, update_actor
 
@@ -110,6 +111,10 @@ class Trainer:
             self.ref_policy = FusedHeadPolicy(copy.deepcopy(model).eval().requires_grad_(False),
                                               config.rollout.temperature)  # fmt: skip
         self.policy = FusedHeadPolicy(model, temperature=config.rollout.temperature)
+        first = next(model.parameters())
+        self.flop_params = flop_params(model)
+        self.gemm_rate = gemm_flops_per_s(first.dtype, first.device.type)  # once per process and dtype
+        self.token_meter = TokenMeter()
         self.backend = self._build_backend()
         self.rank, self.world_size = self.backend.rank, self.backend.world_size
         check_groups_per_rank(config, self.world_size)
@@ -196,6 +201,7 @@ class Trainer:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         metrics: dict[str, float] = {**schedule_metrics(cfg, t)}
+        self.token_meter.reset()
 
         episodes, rollout_timing = self._rollout(t)
         metrics.update(rollout_timing)
@@ -271,6 +277,8 @@ class Trainer:
         generated = metrics.get("rollout/generated_tokens", 0.0)
         metrics["perf/generated_tokens_per_s"] = generated / max(timings["time/rollout"], 1e-9)
         metrics["perf/trained_tokens_per_s"] = float(policy_mask.sum()) / max(timings["time/update"], 1e-9)
+        metrics.update(self.token_meter.metrics(self.flop_params, self.gemm_rate, timings["time/step"],
+                                                timings["time/update"], generated))  # fmt: skip
         for key in list(timings):
             if key != "time/step":
                 metrics[f"share/{key.removeprefix('time/')}"] = timings[key] / max(timings["time/step"], 1e-9)
@@ -336,6 +344,7 @@ class Trainer:
         for s in range(0, sequences.input_ids.shape[0], size):
             idx = torch.arange(s, min(s + size, sequences.input_ids.shape[0]))
             rows = sequences.select(idx)
+            self.token_meter.add(rows.attention_mask, int(rows.response_attention.sum()), "forward")
             parts.append(self.backend.forward(rows) if policy is self.policy else policy(rows))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -365,7 +374,9 @@ class Trainer:
         return weights.detach(), metrics
 
     def _forward(self, idx: np.ndarray, rows: LossRows) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.backend.forward(rows.inputs.select(torch.as_tensor(idx)))
+        selected = rows.inputs.select(torch.as_tensor(idx))
+        self.token_meter.add(selected.attention_mask, int(selected.response_attention.sum()), "train")
+        return self.backend.forward(selected)
 
     def _replay_rows(self, replay: ReplayBatch) -> LossRows:
         tokens = torch.as_tensor(replay.tokens, dtype=torch.long)

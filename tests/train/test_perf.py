@@ -1,0 +1,107 @@
+"""perf/* metrics: real and processed tokens of the trainer's passes, padding efficiency, model FLOPs, MFU."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import spear_engine.train.trainer as trainer_module
+from spear_engine.config_loading import load_config
+from spear_engine.metrics import PlainProgress
+from spear_engine.train.perf import TokenMeter, flop_params, gemm_flops_per_s
+from spear_engine.train.trainer import Trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_token_meter_counts_and_formulas() -> None:
+    meter = TokenMeter()
+    meter.add(torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]]), 3, "forward")  # 6 real of 8, 3 through the head
+    meter.add(torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]]), 2, "train")  # 6 real of 9, 2 through the head
+    params = (1000, 300)  # (body, head)
+    m = meter.metrics(params, gemm_rate=1e6, step_s=2.0, update_s=0.5, generated_tokens=4)
+    assert m["perf/real_tokens"] == 12 and m["perf/processed_tokens"] == 17
+    assert m["perf/padding_efficiency"] == pytest.approx(12 / 17)
+    train = 6 * (1000 * 6 + 300 * 2)
+    flops = train + 2 * (1000 * 6 + 300 * 3) + 2 * 1300 * 4
+    assert m["perf/model_flops"] == flops
+    assert m["perf/mfu"] == pytest.approx(flops / (2.0 * 1e6))
+    assert m["perf/update_mfu"] == pytest.approx(train / (0.5 * 1e6))
+    meter.reset()
+    assert meter.metrics(params, 1e6, 1.0, 1.0)["perf/model_flops"] == 0
+
+
+class _LM(torch.nn.Module):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 50, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+def test_flop_params_split_body_and_head() -> None:
+    assert flop_params(_LM(tied=False)) == (8 * 8 + 8, 50 * 8)  # the lookup table costs nothing
+    assert flop_params(_LM(tied=True)) == (8 * 8 + 8, 50 * 8)  # the shared matrix is the head's GEMM
+
+
+def test_gemm_rate_is_measured_and_cached() -> None:
+    rate = gemm_flops_per_s(torch.float32, "cpu", 128)
+    assert math.isfinite(rate) and rate > 1e6  # any CPU multiplies faster than a megaflop per second
+    assert gemm_flops_per_s(torch.float32, "cpu", 128) == rate  # measured once per process
+
+
+def test_trainer_reports_the_tokens_of_its_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real_update = trainer_module.update_actor
+
+    def spy(forward, backend, config, on_policy, *args, **kwargs):
+        seen.append(on_policy.inputs)
+        return real_update(forward, backend, config, on_policy, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "update_actor", spy)
+    config = load_config("grpo", [
+        "model.path=tiny", "env.name=webshop", "env.max_steps=2", "data.train_batch_size=2", "env.rollout.n=2",
+        "data.max_response_length=8", "actor.ppo_mini_batch_size=8", "actor.ppo_micro_batch_size_per_gpu=4",
+        "trainer.logger=[jsonl]", "trainer.test_freq=0", "trainer.total_training_steps=1",
+        f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
+    ])  # fmt: skip
+    trainer = Trainer(config, console=False)
+    try:
+        metrics = trainer.train_step()
+    finally:
+        trainer.close()
+    (sequences,) = seen
+    n, width = sequences.input_ids.shape
+    real = int(sequences.attention_mask.sum())
+    predicted = int(sequences.response_attention.sum())
+    # grpo: one forward-only pass (old log-probs) and one training pass (1 epoch) over the same rows, no replay
+    assert metrics["perf/real_tokens"] == 2 * real
+    assert metrics["perf/processed_tokens"] == 2 * n * width
+    assert metrics["perf/padding_efficiency"] == pytest.approx(real / (n * width))
+    body, head = trainer.flop_params
+    forward = 2 * (body * real + head * predicted)
+    flops = 3 * forward + forward + 2 * (body + head) * metrics["rollout/generated_tokens"]
+    assert metrics["perf/model_flops"] == pytest.approx(flops)
+    rate = metrics["perf/gemm_tflops"] * 1e12
+    assert metrics["perf/mfu"] == pytest.approx(flops / (metrics["time/step"] * rate))
+    assert metrics["perf/update_mfu"] == pytest.approx(3 * forward / (metrics["time/update"] * rate))
+
+
+def test_progress_line_shows_mfu_and_padding_efficiency() -> None:
+    out = io.StringIO()
+    progress = PlainProgress(2, file=out)
+    progress.log(1, {"episode/success_rate": 0.5, "perf/mfu": 0.1234, "perf/padding_efficiency": 0.6789,
+                     "time/step": 3.0})  # fmt: skip
+    assert "mfu 0.123  pad eff 0.68" in out.getvalue()
