@@ -39,8 +39,9 @@ def gemm_flops_per_s(dtype: torch.dtype, device: str = "cpu", size: int | None =
     """The GEMM rate of this machine now: the median of five square matmuls of ``dtype`` on ``device``
     (1024 on CPU, 8192 on a GPU), measured once per process and dtype."""
     n = size or (1024 if device == "cpu" else 8192)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    local = torch.Generator().manual_seed(0)  # never the global RNG: a seeded run must not depend on this
+    a = torch.randn(n, n, generator=local).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=local).to(device=device, dtype=dtype)
     times = []
     for _ in range(6):
         if device != "cpu":
