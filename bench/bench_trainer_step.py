@@ -10,6 +10,13 @@ wins; SPEAR's replay buffer is filled by warm-up steps, so measured SPEAR steps 
 The trainers take turns in one process (these VMs drift between processes); medians of measured steps.
 
     python bench/bench_trainer_step.py --model smollm2-135m --env alfworld --sft-steps 8 --steps 3
+
+``--speedup``: the quickstart step (2 groups x 4 episodes, SmolLM2-135M, TextWorld-Commonsense) with
+today's defaults against the path before the throughput work (``BASELINE``: HF generation, padded rows,
+a separate old-log-prob pass, fp32), each trainer rolling out its own episodes after one shared SFT
+warm-up; ``--new actor.autocast=bf16`` etc. change the new side only.
+
+    python bench/bench_trainer_step.py --speedup --sft-steps 6 --warmup 1 --steps 3 --new actor.autocast=bf16
 """
 
 from __future__ import annotations
@@ -17,11 +24,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import platform
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
 
 from spear_engine.config_loading import load_config
 from spear_engine.train.trainer import Trainer
@@ -60,6 +71,63 @@ def shared_step(trainers: dict[str, Trainer]) -> dict[str, dict[str, float]]:
     return results
 
 
+BASELINE = [  # the trainer path before the throughput work (issue 10), kept behind flags for this comparison
+    "rollout.name=hf", "actor.use_remove_padding=false", "actor.use_dynamic_bsz=false",
+    "actor.recompute_old_log_prob=always", "actor.autocast=none",
+]  # fmt: skip
+
+
+def cpu_name() -> str:
+    """The CPU model (benchmarks name the machine they ran on)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def speedup(args: argparse.Namespace, out: str) -> None:
+    """The quickstart step on today's defaults vs the old path (``BASELINE``): each trainer rolls out its own
+    episodes (the engines differ), same model, episodes and warm-up; steps alternate in one process."""
+    extra = [f"trainer.sft_warmup_steps={args.sft_steps}", "trainer.sft_episodes=24"] if args.sft_steps else []
+    base = [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", "trainer.test_freq=0", "trainer.save_freq=0",
+            "trainer.total_training_steps=1000", f"model.path={args.model}", *extra, *args.override]  # fmt: skip
+    trainers = {
+        "before": Trainer(load_config("quickstart", [*base, "trainer.run_name=before", *BASELINE]), console=False),
+        "now": Trainer(load_config("quickstart", [*base, "trainer.run_name=now", *args.new]), console=False),
+    }
+    if args.sft_steps:  # one warm-up, copied into the other trainer (same starting weights for both)
+        print(f"SFT warm-up: {trainers['before'].warmup()}", flush=True)
+        trainers["now"].backend.hf_model.load_state_dict(trainers["before"].backend.hf_model.state_dict())
+        trainers["now"]._sync_weights()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
+    for k in range(args.warmup + args.steps):
+        for name, trainer in trainers.items():
+            metrics = trainer.train_step()
+            if k >= args.warmup:
+                runs[name].append(metrics)
+            print(f"step {k} {name}: {metrics['time/step']:.1f} s (rollout {metrics['time/rollout']:.1f} s, update "
+                  f"{metrics['time/update']:.1f} s), {metrics.get('rollout/env_steps', 0):.0f} rows, "
+                  f"{metrics.get('perf/real_tokens', 0):.0f} real tokens, success "
+                  f"{metrics.get('episode/success_rate', 0):.2f}", flush=True)  # fmt: skip
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads; quickstart preset, model {args.model}; medians of "
+          f"{args.steps} steps after {args.warmup}; load {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"now = defaults {' '.join(args.new)}; before = {' '.join(BASELINE)}")
+    keys = ["step", *STAGES]
+    med = {n: {k: statistics.median(m.get(f"time/{k}", 0.0) for m in r) for k in keys} for n, r in runs.items()}
+    print(f"{'stage':<20}{'before s':>10}{'now s':>10}{'before %':>10}{'now %':>9}")
+    for stage in keys:
+        b, n = med["before"][stage], med["now"][stage]
+        print(f"{stage:<20}{b:>10.2f}{n:>10.2f}{100 * b / med['before']['step']:>9.1f}%{100 * n / med['now']['step']:>8.1f}%")
+    for metric in ("perf/real_tokens", "perf/padding_efficiency", "perf/mfu", "perf/update_mfu", "rollout/env_steps"):
+        b, n = (statistics.median(m.get(metric, 0.0) for m in runs[k]) for k in ("before", "now"))
+        print(f"{metric:<28}{b:>12.3f}{n:>12.3f}")
+    print(f"speed-up of the step: {med['before']['step'] / med['now']['step']:.2f}x")
+    for trainer in trainers.values():
+        trainer.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -71,9 +139,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="SPEAR steps that fill the buffer first")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per preset")
     parser.add_argument("--sft-steps", type=int, default=0, help="SFT warm-up steps before RL (0: none)")
+    parser.add_argument("--speedup", action="store_true",
+                        help="quickstart step now vs the old path (BASELINE overrides) instead of SPEAR vs GRPO")
+    parser.add_argument("--new", nargs="*", default=[], help="--speedup: overrides of the 'now' trainer only")
     parser.add_argument("override", nargs="*", help="extra key=value overrides for both presets")
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="spear-bench-")
+    if args.speedup:
+        speedup(args, out)
+        return
     extra = [f"trainer.sft_warmup_steps={args.sft_steps}", "trainer.sft_episodes=24"] if args.sft_steps else []
     args.override = [*extra, *args.override]
     grpo, spear = build("grpo", args, out), build("spear", args, out)

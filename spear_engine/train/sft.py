@@ -109,8 +109,9 @@ def sft_warmup(
         losses = []
         for start in range(0, len(rows), micro_batch):
             idx = rows[start : start + micro_batch]
-            logp, _ = backend.forward(sequences.select(idx))
-            loss = -(logp * mask[idx]).sum() / tokens
+            device = getattr(backend, "device", torch.device("cpu"))
+            logp, _ = backend.forward(sequences.select(idx).to(device))
+            loss = -(logp * mask[idx].to(device)).sum() / tokens.to(device)
             backend.backward(loss, boundary=start + micro_batch >= len(rows))
             losses.append(float(loss.detach()))
         norm, _ = backend.step()

@@ -14,6 +14,8 @@ import copy
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,10 @@ from spear_engine.pipeline import (
     sil_batch,
 )
 from spear_engine.rollout.agent_loop import AgentLoop, AgentLoopConfig
-from spear_engine.rollout.engine import SamplingParams
+from spear_engine.rollout.engine import SamplingParams, resolve_engine_name
 from spear_engine.rollout.resilient import ResilientEngine
 from spear_engine.rollout.weight_sync import iter_named_weights
+from spear_engine.train.backends import resolve_device
 from spear_engine.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -50,8 +53,8 @@ from spear_engine.train.checkpoint import (
     save_checkpoint,
 )
 from spear_engine.train.perf import TokenMeter, flop_params, gemm_flops_per_s
-from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch, response_aligned
-from spear_engine.train.update import LossRows, update_actor
+from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch, TokenLoss, response_aligned
+from spear_engine.train.update import LossRows, token_budget_chunks, update_actor
 
 SEED_STRIDE = 1_000_003
 
@@ -100,24 +103,28 @@ class Trainer:
         seed_everything(tc.seed)
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype)
+        self.device = resolve_device(tc.device)
+        model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype, device=self.device)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
         self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                                 else self.tokenizer.eos_token_id)  # fmt: skip
         self.ref_policy = None
+        packed = config.actor.use_remove_padding
         if config.actor.use_kl_loss or config.algorithm.use_kl_in_reward:  # both need reference log-probs
             self.ref_policy = FusedHeadPolicy(copy.deepcopy(model).eval().requires_grad_(False),
-                                              config.rollout.temperature)  # fmt: skip
-        self.policy = FusedHeadPolicy(model, temperature=config.rollout.temperature)
+                                              config.rollout.temperature, packed=packed)  # fmt: skip
+        self.policy = FusedHeadPolicy(model, temperature=config.rollout.temperature, packed=packed)
         first = next(model.parameters())
         self.flop_params = flop_params(model)
-        self.gemm_rate = gemm_flops_per_s(first.dtype, first.device.type)  # once per process and dtype
+        compute_dtype = torch.bfloat16 if config.actor.autocast == "bf16" else first.dtype
+        self.gemm_rate = gemm_flops_per_s(compute_dtype, self.device.type)  # once per process and dtype
         self.token_meter = TokenMeter()
         self.backend = self._build_backend()
         self.rank, self.world_size = self.backend.rank, self.backend.world_size
         check_groups_per_rank(config, self.world_size)
+        self.engine_name = resolve_engine_name(config.rollout.name)  # auto: vLLM where it imports, else HF
         self.engine, self.engine_shares_weights = self._build_engine()
         env_kwargs = {"max_steps": config.env.max_steps, **config.env.kwargs}
         loop_config = AgentLoopConfig(
@@ -134,7 +141,9 @@ class Trainer:
                                     config.env.name, loop_config)  # fmt: skip
         self.sil = None
         if config.replay.enable_trajectory_replay:
-            official = config.replay.replay_trigger == "when_full_then_flush"  # replay < #GPUs rows is dropped
+            official = (
+                config.replay.replay_trigger == "when_full_then_flush"
+            )  # replay < #GPUs rows is dropped
             min_rows = config.trainer.n_gpus_per_node * config.trainer.nnodes if official else 1
             self.sil = SelfImitation(config.replay, config.algorithm, seed=tc.seed * 7919 + self.rank,
                                      min_replay_rows=min_rows)  # fmt: skip
@@ -162,7 +171,7 @@ class Trainer:
                                     bf16=self.config.model.dtype == "bfloat16")  # fmt: skip
         from spear_engine.train.backends import TorchBackend
 
-        return TorchBackend(self.policy, a.lr, a.weight_decay, a.grad_clip)
+        return TorchBackend(self.policy, a.lr, a.weight_decay, a.grad_clip, device=self.device)
 
     def _build_engine(self) -> tuple[Any, bool]:
         """(engine, shares the training weights). An engine with its own weights is wrapped in a
@@ -172,25 +181,33 @@ class Trainer:
         if shares or self.world_size > 1:
             return factory(), shares
         bucket_mb = self.config.rollout.weight_sync_bucket_mb
-        return ResilientEngine(factory, sync_source=lambda: iter_named_weights(self.backend.hf_model, bucket_mb)), False
+        return ResilientEngine(
+            factory, sync_source=lambda: iter_named_weights(self.backend.hf_model, bucket_mb)
+        ), False
 
     def _engine_factory(self) -> tuple[Any, bool]:
         """(a function that builds the rollout engine, whether the engine shares the training weights). HF on
         the plain torch backend generates with the training module itself; every other combination holds its
-        own weights and is synced after each update."""
+        own weights and is synced after each update. vLLM: one in-process engine per rank (tensor parallel 1,
+        in vLLM's own world of size 1 beside the trainer's group; see ``spear_engine.rollout.vllm``), seeded
+        ``trainer.seed + rank`` so the ranks sample differently; on GPU built with sleep mode on."""
         cfg = self.config
-        if cfg.rollout.name == "vllm":
+        if self.engine_name == "vllm":
             from spear_engine.rollout.vllm import VLLMEngine
 
-            return lambda: VLLMEngine(cfg.model.path, dtype=cfg.model.dtype, seed=cfg.trainer.seed + self.rank,
-                                      gpu_memory_utilization=cfg.rollout.gpu_memory_utilization), False
+            return lambda: VLLMEngine(
+                cfg.model.path,
+                dtype=cfg.model.dtype,
+                seed=cfg.trainer.seed + self.rank,
+                gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            ), False
         from spear_engine.rollout.hf import HFEngine
 
         if cfg.trainer.backend == "torch":
             return lambda: HFEngine(self.backend.hf_model, share=True), True
         from spear_engine.models import load_model
 
-        return lambda: HFEngine(load_model(cfg.model.path, dtype=cfg.model.dtype)[0], share=True), False
+        return lambda: HFEngine(load_model(cfg.model.path, dtype=cfg.model.dtype, device=self.device)[0], share=True), False
 
     # -------------------------------------------------------------------------------------------
     # one training step
@@ -227,13 +244,15 @@ class Trainer:
         timings["time/rewards_filters"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        old_log_probs, entropy = self._token_stats(self.policy, sequences)
         policy_mask = batch.policy_mask.float()
-        metrics["rollout/entropy"] = float(agg_loss(entropy, policy_mask, "token-mean"))
-        if scored.response_mask.any():  # the official metric (sum-normalised in Dr.BoT modes); NaN-free
-            metrics["actor/entropy_loss"] = float(agg_loss(entropy, scored.response_mask, cfg.actor.loss_agg_mode))
-        is_weights, m = self._mismatch(batch.rollout_log_probs, old_log_probs, policy_mask)
-        metrics.update(m)
+        from_update = self._old_log_probs_from_update(len(batch))  # exactly on-policy: no separate pass
+        metrics["trainer/old_log_prob_from_update"] = float(from_update)
+        metrics["rollout/engine_vllm"] = float(self.engine_name == "vllm")
+        old_log_probs, is_weights = None, None
+        if not from_update:
+            old_log_probs, entropy = self._token_stats(self.policy, sequences)
+            is_weights, m = self._old_log_prob_metrics(batch, scored, old_log_probs, entropy)
+            metrics.update(m)
         ref = self._token_stats(self.ref_policy, sequences)[0] if self.ref_policy is not None else None
         timings["time/old_log_prob"] = time.perf_counter() - mark
 
@@ -250,13 +269,27 @@ class Trainer:
 
         mark = time.perf_counter()
         loss_mask = scored.response_mask if cfg.actor.use_filtered_response_mask else policy_mask
-        on_policy = LossRows(sequences, old_log_probs, advantages.advantages, loss_mask, is_weights, ref)
-        update = update_actor(
-            self._forward, self.backend, cfg.actor, on_policy, replay_rows,
-            replay_coef=metrics["schedule/replay_coef"], replay_update=cfg.replay.replay_update,
-        )  # fmt: skip
+        on_policy = LossRows(sequences, old_log_probs, advantages.advantages, loss_mask, is_weights, ref,
+                             tokens=sequences.row_tokens).to(self.device)  # fmt: skip
+        if replay_rows is not None:
+            replay_rows = replay_rows.to(self.device)
+        rng_before = capture_rng_state()  # the loss may draw (Clip-Cov); a skipped step must not have drawn
+        with self._engine_asleep():
+            update = update_actor(
+                self._forward, self.backend, cfg.actor, on_policy, replay_rows,
+                replay_coef=metrics["schedule/replay_coef"], replay_update=cfg.replay.replay_update,
+                fused=cfg.actor.fused_loss,
+            )  # fmt: skip
         metrics.update(update)
+        if from_update:  # the update's first forward of each row was the old policy
+            old_log_probs = on_policy.forward_log_probs
+            assert old_log_probs is not None and on_policy.forward_entropy is not None
+            metrics.update(
+                self._old_log_prob_metrics(batch, scored, old_log_probs, on_policy.forward_entropy)[1]
+            )
         skipped = self._step_skipped(update)
+        if skipped:  # nothing was learned: the generators stay as before the update, as the weights do
+            restore_rng_state(rng_before)
         timings["time/update"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -317,10 +350,16 @@ class Trainer:
         model, optimizer and replay buffer unchanged; repeated, it halts the run (TrainingHalted)."""
         self.global_step = t
         self._track_skips(True)
-        return {**metrics, "trainer/step_skipped": 1.0, "trainer/consecutive_skipped_steps": float(self.consecutive_skips)}
+        return {
+            **metrics,
+            "trainer/step_skipped": 1.0,
+            "trainer/consecutive_skipped_steps": float(self.consecutive_skips),
+        }
 
     def _episode_metrics(self, episodes: list[Episode]) -> dict[str, float]:
-        stats = np.array([[e.success, e.reward, e.length, e.tool_calls, 1.0] for e in episodes], dtype=np.float64)
+        stats = np.array(
+            [[e.success, e.reward, e.length, e.tool_calls, 1.0] for e in episodes], dtype=np.float64
+        )
         totals = torch.from_numpy(stats.sum(0)) if len(stats) else torch.zeros(5, dtype=torch.float64)
         if self.world_size > 1:
             torch.distributed.all_reduce(totals)
@@ -335,17 +374,76 @@ class Trainer:
             "episode/count": count,
         }
 
+    def _old_log_probs_from_update(self, rows: int) -> bool:
+        """Whether the update is exactly on-policy, so its own first forward gives the old log-probs: one
+        epoch, one mini-batch on every rank (all ranks decide alike), and nothing that needs the old
+        log-probs before the update (rollout IS weights, KL in the reward)."""
+        cfg, a = self.config, self.config.actor
+        if (a.recompute_old_log_prob == "always" or a.ppo_epochs != 1 or cfg.rollout.rollout_is != "none"
+                or cfg.algorithm.use_kl_in_reward):  # fmt: skip
+            return False
+        most = torch.tensor([float(rows)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return bool(most.item() <= a.ppo_mini_batch_size)
+
+    def _old_log_prob_metrics(
+        self, batch: RolloutBatch, scored: Any, old_log_probs: torch.Tensor, entropy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """(truncated IS weights or None, metrics): entropy of the rollout and the engine/trainer mismatch."""
+        policy_mask = batch.policy_mask.float()
+        metrics = {"rollout/entropy": float(agg_loss(entropy, policy_mask, "token-mean"))}
+        if scored.response_mask.any():  # the official metric (sum-normalised in Dr.BoT modes); NaN-free
+            metrics["actor/entropy_loss"] = float(
+                agg_loss(entropy, scored.response_mask, self.config.actor.loss_agg_mode)
+            )
+        is_weights, m = self._mismatch(batch.rollout_log_probs, old_log_probs, policy_mask)
+        return is_weights, {**metrics, **m}
+
+    def _autocast(self) -> Any:
+        """bf16 mixed precision of the trainer's passes (``actor.autocast``); weights stay in their dtype."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.config.actor.autocast == "bf16"
+        )
+
+    @contextmanager
+    def _engine_asleep(self) -> Iterator[None]:
+        """A rollout engine with its own weights frees its accelerator memory during the update (vLLM's sleep
+        mode on GPU; a no-op on CPU and for engines without it); ``_sync_weights`` wakes it."""
+        sleep = getattr(self.engine, "sleep", None) if not self.engine_shares_weights else None
+        if sleep is not None:
+            sleep()
+        yield
+
+    def _micro_batches(self, sequences: SequenceBatch) -> list[torch.Tensor]:
+        """Row indices of each no-grad forward: the update's token budget or row count."""
+        a = self.config.actor
+        n = sequences.input_ids.shape[0]
+        if a.use_dynamic_bsz:
+            return [torch.as_tensor(c) for c in token_budget_chunks(sequences.row_tokens.numpy(),
+                                                                     a.ppo_max_token_len_per_gpu)]  # fmt: skip
+        size = a.ppo_micro_batch_size_per_gpu
+        return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
     @torch.no_grad()
-    def _token_stats(self, policy: FusedHeadPolicy | None, sequences: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropies under ``policy`` (no gradient), micro-batch by micro-batch."""
+    def _token_stats(
+        self, policy: FusedHeadPolicy | None, sequences: SequenceBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies under ``policy`` (no gradient), micro-batch by micro-batch, on the CPU."""
         assert policy is not None
-        size = self.config.actor.ppo_micro_batch_size_per_gpu
         parts = []
-        for s in range(0, sequences.input_ids.shape[0], size):
-            idx = torch.arange(s, min(s + size, sequences.input_ids.shape[0]))
+        for idx in self._micro_batches(sequences):
             rows = sequences.select(idx)
-            self.token_meter.add(rows.attention_mask, int(rows.response_attention.sum()), "forward")
-            parts.append(self.backend.forward(rows) if policy is self.policy else policy(rows))
+            self.token_meter.add(
+                rows.attention_mask, int(rows.response_attention.sum()), "forward", policy.packed
+            )
+            with self._autocast():
+                out = (
+                    self.backend.forward(rows.to(self.device))
+                    if policy is self.policy
+                    else policy(rows.to(self.device))
+                )
+            parts.append((out[0].cpu(), out[1].cpu()))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _mismatch(
@@ -355,7 +453,9 @@ class Trainer:
         ro = self.config.rollout
         diff = (old_logp - rollout_logp) * mask
         count = mask.sum().clamp_min(1)
-        log_ratio_max = float(torch.where(mask > 0, diff, torch.full_like(diff, -math.inf)).max()) if mask.any() else 0.0
+        log_ratio_max = (
+            float(torch.where(mask > 0, diff, torch.full_like(diff, -math.inf)).max()) if mask.any() else 0.0
+        )
         metrics = {
             "mismatch/kl": float(((rollout_logp - old_logp) * mask).sum() / count),
             "mismatch/abs_log_ratio_mean": float(diff.abs().sum() / count),
@@ -373,10 +473,15 @@ class Trainer:
         metrics["mismatch/is_weight_mean"] = float(weights.sum() / count)
         return weights.detach(), metrics
 
-    def _forward(self, idx: np.ndarray, rows: LossRows) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, idx: np.ndarray, rows: LossRows, loss: TokenLoss | None = None) -> tuple[Any, ...]:
+        """The training forward of rows ``idx`` (with ``loss``: the fused loss too, see ``FusedHeadPolicy``)."""
         selected = rows.inputs.select(torch.as_tensor(idx))
-        self.token_meter.add(selected.attention_mask, int(selected.response_attention.sum()), "train")
-        return self.backend.forward(selected)
+        self.token_meter.add(selected.attention_mask, int(selected.response_attention.sum()), "train",
+                             self.policy.packed)  # fmt: skip
+        with self._autocast():
+            if loss is None:
+                return self.backend.forward(selected.to(self.device))
+            return self.backend.forward(selected.to(self.device), loss)
 
     def _replay_rows(self, replay: ReplayBatch) -> LossRows:
         tokens = torch.as_tensor(replay.tokens, dtype=torch.long)
@@ -390,7 +495,7 @@ class Trainer:
             return response_aligned(torch.as_tensor(values), firsts, lengths, width)
 
         return LossRows(sequences, aligned(replay.logp), aligned(replay.token_advantages()),
-                        aligned(replay.loss_mask()))  # fmt: skip
+                        aligned(replay.loss_mask()), tokens=sequences.row_tokens)  # fmt: skip
 
     def _gathered_baseline(self, rows: Any) -> tuple[np.ndarray, np.ndarray] | None:
         if self.world_size == 1 or self.sil is None:
@@ -438,7 +543,10 @@ class Trainer:
             for key in timing:
                 timing[key] += part.get(key, 0.0)
         m = self._episode_metrics(results)
-        faults = {f"val/{k.removeprefix('rollout/')}": timing[k] for k in ("rollout/env_errors", "rollout/env_timeouts")}
+        faults = {
+            f"val/{k.removeprefix('rollout/')}": timing[k]
+            for k in ("rollout/env_errors", "rollout/env_timeouts")
+        }
         return {**{f"val/{k.removeprefix('episode/')}": v for k, v in m.items()}, **faults}
 
     # -------------------------------------------------------------------------------------------
@@ -499,7 +607,9 @@ class Trainer:
 
     def _sft_status(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None:
-            self.logger.status(f"SFT warm-up {step}/{self.config.trainer.sft_warmup_steps}  nll {metrics['sft/nll']:.3f}")
+            self.logger.status(
+                f"SFT warm-up {step}/{self.config.trainer.sft_warmup_steps}  nll {metrics['sft/nll']:.3f}"
+            )
 
     def close(self) -> None:
         if self.logger is not None:
@@ -542,9 +652,19 @@ class Trainer:
 
     def _sync_weights(self) -> None:
         """Push the trained weights into this rank's rollout engine (every rank has its own engine; the
-        ZeRO-3 gathers are collective, so all ranks walk the buckets together)."""
-        if not self.engine_shares_weights:
-            self.engine.load_weights(iter_named_weights(self.backend.hf_model, self.config.rollout.weight_sync_bucket_mb))
+        ZeRO-3 gathers are collective, so all ranks walk the buckets together, each feeding its own engine).
+
+        An engine put to sleep for the update (``_engine_asleep``) gets its weights memory back first; its
+        KV cache returns only once the sync is done (``VLLMEngine.load_weights``), so the gathered buckets
+        never share the accelerator with it. Engines without sleep mode (HF; vLLM on CPU) skip that."""
+        if self.engine_shares_weights:
+            return
+        wake_up = getattr(self.engine, "wake_up", None)
+        if wake_up is not None:
+            wake_up(["weights"])
+        self.engine.load_weights(
+            iter_named_weights(self.backend.hf_model, self.config.rollout.weight_sync_bucket_mb)
+        )
 
     def _resume(self) -> None:
         mode = self.config.trainer.resume

@@ -309,3 +309,19 @@ def save_and_die_before(run_dir: str, step: int, keep_last: int, kill_before: in
     safetensors.torch.save_file = killing(safetensors.torch.save_file)
     Path.write_text = killing(Path.write_text)  # type: ignore[method-assign]
     save_checkpoint(run_dir, step, checkpoint_content(step, floats=1000), keep_last=keep_last)
+
+
+def nan_forward(forward: Any) -> Any:
+    """A training forward (``Trainer._forward``) whose log-probs, and loss on the fused path, are NaN: the
+    micro-batch loss is NaN whether the update takes the fused loss or the torch loss."""
+    nan = float("nan")
+
+    def patched(idx: Any, rows: Any, loss: Any = None) -> Any:
+        if loss is None:
+            log_probs, entropy = forward(idx, rows)
+            return log_probs + nan, entropy
+        log_probs, entropy, out = forward(idx, rows, loss)
+        out.loss = out.loss + nan
+        return log_probs + nan, entropy, out
+
+    return patched

@@ -16,6 +16,7 @@ import torch
 from fault_helpers import (
     assert_same_state,
     model_changed,
+    nan_forward,
     snapshot,
     state_of_checkpoint,
     tiny_args,
@@ -36,7 +37,7 @@ NAN = float("nan")
 def nan_update_log_probs(trainer: Trainer) -> Iterator[None]:
     """The update's (gradient) forward returns NaN log-probs: a NaN loss."""
     original = trainer._forward
-    trainer._forward = lambda idx, rows: (lambda lp, ent: (lp + NAN, ent))(*original(idx, rows))
+    trainer._forward = nan_forward(original)
     try:
         yield
     finally:
@@ -82,7 +83,8 @@ FAULTS: dict[str, Callable[[Trainer], contextlib.AbstractContextManager[None]]] 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_non_finite_step_is_skipped_and_changes_nothing(fault: str, tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config("spear", tmp_path, 5), console=False)
+    # the separate old-log-prob pass is what inf_old_log_probs corrupts: pin it (auto would skip it on-policy)
+    trainer = Trainer(tiny_config("spear", tmp_path, 5, "actor.recompute_old_log_prob=always"), console=False)
     try:
         for _ in range(2):
             trainer.train_step()
@@ -140,9 +142,15 @@ def test_repeated_faults_halt_with_a_clear_message_and_the_last_good_state(tmp_p
 def test_spear_train_halts_with_one_paragraph_and_exit_code_2(tmp_path: Path, monkeypatch) -> None:
     forward = FusedHeadPolicy.forward
 
-    def nan_when_training(self, batch):
-        logp, entropy = forward(self, batch)
-        return (logp + NAN, entropy) if torch.is_grad_enabled() else (logp, entropy)
+    def nan_when_training(self, batch, loss=None):
+        if not torch.is_grad_enabled():
+            return forward(self, batch)
+        if loss is None:
+            logp, entropy = forward(self, batch)
+            return logp + NAN, entropy
+        logp, entropy, out = forward(self, batch, loss)  # the fused loss path
+        out.loss = out.loss + NAN
+        return logp + NAN, entropy, out
 
     monkeypatch.setattr(FusedHeadPolicy, "forward", nan_when_training)
     err = io.StringIO()

@@ -3,7 +3,12 @@ import torch
 from conftest import BACKENDS, rel_err
 
 from spear_kernels import AGG_MODES, agg_scale, fused_linear_policy_loss, policy_loss
-from spear_kernels.reference import agg_loss_ref, fused_linear_policy_loss_ref, policy_loss_ref
+from spear_kernels.reference import (
+    agg_loss_ref,
+    fused_linear_policy_loss_ref,
+    linear_logprob_entropy_ref,
+    policy_loss_ref,
+)
 
 MODES = ["vanilla", "clip_cov", "kl_cov", "gpg"]
 B, L = 4, 37
@@ -156,3 +161,33 @@ def test_fused_linear_policy_loss_aggregations(agg, backward_mode):
     torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
     for a, r in ((xs, xr), (ws, wr), (bs, br)):
         assert rel_err(a.grad, r.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_loss_without_old_logp_is_the_on_policy_loss(backend, mode):
+    """``old_logp=None``: the same loss, gradients and selection as passing the pass's own log-probs."""
+    g = torch.Generator().manual_seed(8)
+    h, v = 20, 157
+    x = torch.randn(B, L, h, generator=g)
+    w = torch.randn(v, h, generator=g) * 0.3
+    y = torch.randint(0, v, (B, L), generator=g)
+    _, _, adv, mask, wts = _batch(9)
+    kw = dict(loss_mode=mode, weights=wts, entropy_coeff=0.01, clip_cov_ratio=0.05, clip_cov_lb=-50,
+              clip_cov_ub=50, kl_cov_ratio=0.05, chunk_size=30, backend=backend)
+    old, _ = linear_logprob_entropy_ref(x.reshape(-1, h), w, y.reshape(-1))
+    results = []
+    for _ in range(2):  # first without old log-probs, then with that pass's own (bit for bit: ratio 1 exactly)
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        old_logp = results[0][0].logp if results else None
+        out = fused_linear_policy_loss(xs, ws, y, old_logp, adv, mask, generator=torch.Generator().manual_seed(0), **kw)
+        out.loss.backward()
+        results.append((out, xs.grad, ws.grad))
+    (own, ox, ow), (given, gx, gw) = results
+    torch.testing.assert_close(own.loss, given.loss, atol=1e-5, rtol=1e-5)
+    assert rel_err(ox, gx) < 1e-4 and rel_err(ow, gw) < 1e-4
+    torch.testing.assert_close(own.logp, old.view(B, L), atol=1e-5, rtol=1e-5)
+    if mode == "vanilla":
+        assert float(own.pg_clipfrac) == 0.0 and abs(float(own.ppo_kl)) < 1e-6  # every ratio is 1
+    if mode in ("clip_cov", "kl_cov"):
+        assert torch.equal(own.selected, given.selected)

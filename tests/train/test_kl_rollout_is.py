@@ -324,8 +324,10 @@ def test_trainer_kl_to_an_identical_reference_is_zero_and_logged(tmp_path: Path,
     assert all(torch.equal(policy_before[k], v) for k, v in ref_before.items() if k in policy_before)
     trainer.fit()
     ((rows, _),) = seen
-    assert rows.ref_log_probs is not None and rows.ref_log_probs.shape == rows.old_log_probs.shape
-    torch.testing.assert_close(rows.ref_log_probs, rows.old_log_probs, rtol=0, atol=1e-6)
+    # exactly on-policy: the old log-probs are the update's first forward (actor.recompute_old_log_prob=auto)
+    assert rows.old_log_probs is None and rows.forward_log_probs is not None
+    assert rows.ref_log_probs is not None and rows.ref_log_probs.shape == rows.forward_log_probs.shape
+    torch.testing.assert_close(rows.ref_log_probs, rows.forward_log_probs, rtol=0, atol=1e-6)
     (record,) = read_metrics(tmp_path / "run")
     assert record["step"] == 1 and record["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -357,8 +359,10 @@ def test_trainer_kl_to_a_perturbed_reference_matches_the_formula(tmp_path: Path,
     # the reference log-probs are the perturbed model's (read from its full logits here)
     expected_ref = plain_log_probs(trainer.ref_policy.model, rows.inputs, trainer.config.rollout.temperature)
     torch.testing.assert_close(rows.ref_log_probs * mask, expected_ref * mask, rtol=1e-4, atol=1e-4)
-    # the first forward of the update is at the old weights: log_prob = old_log_prob
-    d = rows.old_log_probs - rows.ref_log_probs
+    # the first forward of the update is at the old weights: log_prob = old_log_prob (exactly on-policy, the
+    # update's own first forward is the old log-prob: actor.recompute_old_log_prob=auto)
+    assert rows.old_log_probs is None and rows.forward_log_probs is not None
+    d = rows.forward_log_probs - rows.ref_log_probs
     k3 = (torch.exp(-d) + d - 1) * mask
     assert float(k3.max()) < 10 and float(d.abs().max()) < 20  # inside low_var_kl's clamps
     kl = float(k3.sum() / mask.sum())

@@ -64,7 +64,10 @@ def test_gemm_rate_is_measured_and_cached_and_leaves_the_global_rng_alone() -> N
     assert gemm_flops_per_s(torch.float32, "cpu", 96) == rate  # measured once per process
 
 
-def test_trainer_reports_the_tokens_of_its_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("passes", ["separate_old_log_prob_padded", "old_log_prob_from_update_packed"])
+def test_trainer_reports_the_tokens_of_its_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: str
+) -> None:
     seen = []
     real_update = trainer_module.update_actor
 
@@ -73,11 +76,13 @@ def test_trainer_reports_the_tokens_of_its_passes(tmp_path: Path, monkeypatch: p
         return real_update(forward, backend, config, on_policy, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "update_actor", spy)
+    separate = passes == "separate_old_log_prob_padded"
     config = load_config("grpo", [
         "model.path=tiny", "env.name=webshop", "env.max_steps=2", "data.train_batch_size=2", "env.rollout.n=2",
         "data.max_response_length=8", "actor.ppo_mini_batch_size=8", "actor.ppo_micro_batch_size_per_gpu=4",
         "trainer.logger=[jsonl]", "trainer.test_freq=0", "trainer.total_training_steps=1",
         f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
+        f"actor.recompute_old_log_prob={'always' if separate else 'auto'}", f"actor.use_remove_padding={not separate}",
     ])  # fmt: skip
     trainer = Trainer(config, console=False)
     try:
@@ -88,17 +93,25 @@ def test_trainer_reports_the_tokens_of_its_passes(tmp_path: Path, monkeypatch: p
     n, width = sequences.input_ids.shape
     real = int(sequences.attention_mask.sum())
     predicted = int(sequences.response_attention.sum())
-    # grpo: one forward-only pass (old log-probs) and one training pass (1 epoch) over the same rows, no replay
-    assert metrics["perf/real_tokens"] == 2 * real
-    assert metrics["perf/processed_tokens"] == 2 * n * width
-    assert metrics["perf/padding_efficiency"] == pytest.approx(real / (n * width))
     body, head = trainer.flop_params
     forward = 2 * (body * real + head * predicted)
-    flops = 3 * forward + forward + 2 * (body + head) * metrics["rollout/generated_tokens"]
+    if separate:  # one forward-only pass (old log-probs) and one training pass (1 epoch), padded rows
+        assert metrics["trainer/old_log_prob_from_update"] == 0.0
+        assert metrics["perf/real_tokens"] == 2 * real
+        assert metrics["perf/processed_tokens"] == 2 * n * width
+        assert metrics["perf/padding_efficiency"] == pytest.approx(real / (n * width))
+        train_flops, flops = 3 * forward, 4 * forward
+    else:  # exactly on-policy: the training pass alone, on packed rows
+        assert metrics["trainer/old_log_prob_from_update"] == 1.0
+        assert metrics["perf/real_tokens"] == real
+        assert metrics["perf/processed_tokens"] == real
+        assert metrics["perf/padding_efficiency"] == 1.0
+        train_flops, flops = 3 * forward, 3 * forward
+    flops += 2 * (body + head) * metrics["rollout/generated_tokens"]
     assert metrics["perf/model_flops"] == pytest.approx(flops)
     rate = metrics["perf/gemm_tflops"] * 1e12
     assert metrics["perf/mfu"] == pytest.approx(flops / (metrics["time/step"] * rate))
-    assert metrics["perf/update_mfu"] == pytest.approx(3 * forward / (metrics["time/update"] * rate))
+    assert metrics["perf/update_mfu"] == pytest.approx(train_flops / (metrics["time/update"] * rate))
 
 
 def test_progress_line_shows_mfu_and_padding_efficiency() -> None:

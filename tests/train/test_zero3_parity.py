@@ -20,15 +20,17 @@ def _run(cmd: list[str], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
-def test_two_rank_zero3_matches_one_process(mode: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "layout"), [("token-mean", "padded"), ("seq-mean-token-sum-norm", "padded"),
+                                             ("token-mean", "packed")])  # fmt: skip
+def test_two_rank_zero3_matches_one_process(mode: str, layout: str, tmp_path: Path) -> None:
+    """The single process runs padded rows (the oracle); the 2 ranks run ``layout``."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun is not None, "torchrun not found next to the interpreter"
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
     _run([sys.executable, str(WORKER), "torch", mode, str(single)], tmp_path)
     _run([torchrun, "--nproc_per_node=2", "--master_port", str(29000 + os.getpid() % 500), str(WORKER),
-          "deepspeed", mode, str(multi)], tmp_path)
+          "deepspeed", mode, str(multi), layout], tmp_path)
     a, b = torch.load(single), torch.load(multi)
     assert a["params"].keys() == b["params"].keys()
     for name, grad in a["grads"].items():  # the gradients the optimizer sees are the same

@@ -1,5 +1,8 @@
 """One rank of the ZeRO-3 parity test (run by torchrun from test_zero3_parity.py, or as one process).
 
+Arguments: backend (torch | deepspeed), loss_agg_mode, output file, and optionally the layout of the
+forward (padded | packed: rows concatenated without padding, ``actor.use_remove_padding``).
+
 Every rank trains the tiny model's fused-head policy under DeepSpeed ZeRO-3 on *its half* of a fixed
 synthetic batch (the same rows the single-process run sees whole), one PPO update with a global
 mini-batch of 8 rows; rank 0 writes the gathered parameters and the per-rank loss metrics.
@@ -27,9 +30,11 @@ def synthetic_rows(vocab: int) -> LossRows:
     g = torch.Generator().manual_seed(1234)
     prompts = torch.randint(3, vocab, (ROWS, PROMPT), generator=g)
     responses = torch.randint(3, vocab, (ROWS, RESPONSE), generator=g)
-    response_mask = (torch.rand(ROWS, RESPONSE, generator=g) > 0.2).long()
+    lengths = torch.randint(2, RESPONSE + 1, (ROWS,), generator=g)
+    attention = (torch.arange(RESPONSE)[None] < lengths[:, None]).long()  # right-padded responses
+    response_mask = attention * (torch.rand(ROWS, RESPONSE, generator=g) > 0.2).long()  # some out of the loss
     response_mask[:, 0] = 1
-    seqs = SequenceBatch.from_prompt_response(prompts, torch.ones_like(prompts), responses, response_mask)
+    seqs = SequenceBatch.from_prompt_response(prompts, torch.ones_like(prompts), responses, attention)
     old = -torch.rand(ROWS, RESPONSE, generator=g) * 8 - 6
     adv = torch.randn(ROWS, 1, generator=g).expand(ROWS, RESPONSE) * response_mask
     return LossRows(seqs, old, adv.contiguous(), response_mask.float())
@@ -46,11 +51,11 @@ def actor_config(world: int, mode: str) -> ActorConfig:
                        policy_loss=PolicyLossConfig(loss_mode="vanilla"))
 
 
-def run(backend_name: str, mode: str, out: str) -> None:
+def run(backend_name: str, mode: str, out: str, layout: str = "padded") -> None:
     torch.manual_seed(0)
     model, _ = load_model("tiny")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    policy = FusedHeadPolicy(model)
+    policy = FusedHeadPolicy(model, packed=layout == "packed")
     if backend_name == "deepspeed":
         from deepspeed.utils import safe_get_full_grad
 
@@ -88,4 +93,4 @@ def run(backend_name: str, mode: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], sys.argv[3])
+    run(*sys.argv[1:])

@@ -1,0 +1,123 @@
+"""Attention over packed sequences: rows concatenated into one sequence, attention kept within each row.
+
+A packed forward hands the transformer one sequence ``[1, T]`` of every real token of a micro-batch, with
+``position_ids`` restarting at 0 per row and the row boundaries as ``cu_seq_lens_q``/``cu_seq_lens_k``
+(transformers' flash-attention keyword names, which every decoder layer passes through to its attention
+function). :data:`PACKED_ATTENTION` is an attention implementation registered with transformers that
+
+- with ``cu_seq_lens_q`` given, attends causally within each row: flash-attn's varlen kernel on CUDA
+  when flash-attn is installed, else one SDPA call per row (CPU, or CUDA without flash-attn). No
+  ``T x T`` mask exists and no FLOP is spent across rows;
+- without it (generation, a padded forward), is exactly transformers' SDPA attention with its usual mask.
+
+Packing is what removes padding from training (``actor.use_remove_padding``): the body of the model
+runs on real tokens only. ``cu_seq_lens`` travel as forward keyword arguments (not global state), so a
+gradient-checkpointed layer recomputed in the backward sees them again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+PACKED_ATTENTION = "spear_packed"
+
+PACKED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+"""The ``attention_mask`` of a packed forward: a 4-D mask is passed through transformers' mask creation
+untouched (so no ``T x T`` mask is built), and the packed attention ignores it in favour of ``cu_seq_lens``."""
+
+
+def _flash_varlen() -> Any:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, Hq, T, d], key/value [1, Hkv, T, d] -> ([1, T, Hq, d], None), as transformers' interface."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    if query.shape[0] != 1:
+        raise ValueError(f"a packed forward takes one sequence (batch size 1), got {query.shape[0]}")
+    dropout = dropout if module.training else 0.0
+    varlen = _flash_varlen() if query.is_cuda else None
+    if varlen is not None:
+        out = varlen(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+            cu_seqlens.to(torch.int32), cu_seqlens.to(torch.int32),
+            int(kwargs.get("max_length_q") or query.shape[2]), int(kwargs.get("max_length_k") or key.shape[2]),
+            dropout_p=dropout, softmax_scale=scaling, causal=True,
+        )  # fmt: skip
+        return out[None], None
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu_seqlens.tolist()
+    parts = []
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            parts.append(F.scaled_dot_product_attention(
+                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                dropout_p=dropout, scale=scaling, is_causal=True,
+            ))  # fmt: skip
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+AttentionMaskInterface.register(PACKED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def use_packed_attention(model: torch.nn.Module) -> None:
+    """Switch a transformers model to :data:`PACKED_ATTENTION` (identical to SDPA on unpacked inputs)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == PACKED_ATTENTION:
+        return
+    if current not in (None, "sdpa", "eager"):
+        raise ValueError(f"actor.use_remove_padding needs a model whose attention is sdpa or eager; this one uses "
+                         f"{current!r}. Set actor.use_remove_padding=false.")  # fmt: skip
+    model.set_attn_implementation(PACKED_ATTENTION)
+    if model.config._attn_implementation != PACKED_ATTENTION:
+        raise ValueError(f"{type(model).__name__} does not take a custom attention function (transformers' "
+                         f"AttentionInterface); set actor.use_remove_padding=false.")  # fmt: skip
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The real tokens of [N, W] rows as one packed sequence.
+
+    Each row's real tokens should be contiguous (every row the trainer builds is: left-padded prompt,
+    right-padded response). A hole inside a row is dropped here, while the padded forward would still let
+    the hole's own hidden state predict the token after it, so the two forwards differ on such rows.
+
+    Returns ``input_ids``/``position_ids`` [1, T], ``cu_seqlens`` [N + 1] and ``index`` [N, W]: the packed
+    position of each real token, -1 for padding."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    total = int(lengths.sum())
+    device = input_ids.device
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(total, device=device) - torch.repeat_interleave(starts, lengths)
+    index = torch.full(mask.shape, -1, dtype=torch.long, device=device)
+    index[mask] = torch.arange(total, device=device)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.long, device=device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return {"input_ids": input_ids[mask][None], "position_ids": positions[None], "cu_seqlens": cu,
+            "max_length": int(lengths.max()) if len(lengths) else 0, "index": index}  # fmt: skip
