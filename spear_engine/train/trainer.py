@@ -54,7 +54,7 @@ from spear_engine.train.checkpoint import (
 )
 from spear_engine.train.perf import TokenMeter, flop_params, gemm_flops_per_s
 from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch, TokenLoss, response_aligned
-from spear_engine.train.update import LossRows, token_budget_chunks, update_actor
+from spear_engine.train.update import LossRows, micro_batches, update_actor
 
 SEED_STRIDE = 1_000_003
 
@@ -415,16 +415,6 @@ class Trainer:
             sleep()
         yield
 
-    def _micro_batches(self, sequences: SequenceBatch) -> list[torch.Tensor]:
-        """Row indices of each no-grad forward: the update's token budget or row count."""
-        a = self.config.actor
-        n = sequences.input_ids.shape[0]
-        if a.use_dynamic_bsz:
-            return [torch.as_tensor(c) for c in token_budget_chunks(sequences.row_tokens.numpy(),
-                                                                     a.ppo_max_token_len_per_gpu)]  # fmt: skip
-        size = a.ppo_micro_batch_size_per_gpu
-        return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
-
     @torch.no_grad()
     def _token_stats(
         self, policy: FusedHeadPolicy | None, sequences: SequenceBatch
@@ -432,8 +422,9 @@ class Trainer:
         """Log-probs and entropies under ``policy`` (no gradient), micro-batch by micro-batch, on the CPU."""
         assert policy is not None
         parts = []
-        for idx in self._micro_batches(sequences):
-            rows = sequences.select(idx)
+        everything = np.arange(sequences.input_ids.shape[0])
+        for idx in micro_batches(sequences.row_tokens, everything, self.config.actor):  # as the update's
+            rows = sequences.select(torch.as_tensor(idx))
             self.token_meter.add(
                 rows.attention_mask, int(rows.response_attention.sum()), "forward", policy.packed
             )

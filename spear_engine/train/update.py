@@ -213,7 +213,7 @@ def _micro_plan(part: _Part, config: ActorConfig, world_size: int) -> list[tuple
     the official SPEAR code): each micro-batch is normalised on its own, then divided by the number of
     micro-batches (grad_accum).
     """
-    micros = micro_batches(part.rows, part.mini, config)
+    micros = micro_batches(part.rows.tokens, part.mini, config)
     tokens, rows = _global_counts(part.rows.loss_mask[part.mini], world_size)
     mini_info = {"batch_num_tokens": tokens, "global_batch_size": rows, "dp_size": world_size}
     plan = []
@@ -231,11 +231,11 @@ def _micro_plan(part: _Part, config: ActorConfig, world_size: int) -> list[tuple
     return plan
 
 
-def micro_batches(rows: LossRows, mini: np.ndarray, config: ActorConfig) -> list[np.ndarray]:
-    """The row indices of each forward/backward of a mini-batch: up to ``ppo_max_token_len_per_gpu`` tokens
-    with ``use_dynamic_bsz`` (and known row lengths), else ``ppo_micro_batch_size_per_gpu`` rows."""
-    if config.use_dynamic_bsz and rows.tokens is not None:
-        lengths = rows.tokens[torch.as_tensor(mini)].numpy()
+def micro_batches(tokens: torch.Tensor | None, mini: np.ndarray, config: ActorConfig) -> list[np.ndarray]:
+    """The row indices of each forward of a mini-batch: up to ``ppo_max_token_len_per_gpu`` tokens with
+    ``use_dynamic_bsz`` (and known row lengths ``tokens``), else ``ppo_micro_batch_size_per_gpu`` rows."""
+    if config.use_dynamic_bsz and tokens is not None:
+        lengths = tokens[torch.as_tensor(mini)].numpy()
         return [mini[c] for c in token_budget_chunks(lengths, config.ppo_max_token_len_per_gpu)]
     return [mini[c] for c in _chunks(len(mini), config.ppo_micro_batch_size_per_gpu)]
 

@@ -192,7 +192,7 @@ def test_packed_token_budget_update_matches_padded_row_micro_batches(
                              ppo_max_token_len_per_gpu=40, policy_loss=PolicyLossConfig(loss_mode="vanilla"))  # fmt: skip
         mini = np.arange(len(on_policy))
         if dynamic:  # the budget really splits the rows differently from 2 per micro-batch
-            assert [len(m) for m in micro_batches(on_policy, mini, config)] != [
+            assert [len(m) for m in micro_batches(on_policy.tokens, mini, config)] != [
                 len(m) for m in np.array_split(mini, 3)
             ]
         backend = RecordingBackend(FusedHeadPolicy(copy.deepcopy(tiny), packed=packed), lr=1e-2, weight_decay=0.0,
