@@ -27,7 +27,7 @@ setup(
         "spear_kernels",
     ],
     package_dir={"spear_kernels": "kernels"},
-    package_data={"spear_engine": ["presets/*.yaml", "data/*.json.gz"]},
+    package_data={"spear_engine": ["presets/*.yaml", "experiments/*.yaml", "data/*.json.gz"]},
     ext_modules=[replay_index],
     cmdclass={"build_ext": build_ext},
     # torch and triton are deliberately absent: an unpinned torch requirement pulls a multi-GB CUDA

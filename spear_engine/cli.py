@@ -18,6 +18,9 @@ examples:
   spear train --preset grpo --env webshop trainer.total_training_steps=20 model.path=tiny
   spear eval --run-dir runs/spear-alfworld-...  success rate of the newest checkpoint on the eval split
   spear plot runs/spear-alfworld-...           write curves.png from the run's metrics
+  spear experiment twc-cpu                     Dr.BoT / SPEAR / GRPO / ablations x 3 seeds -> results/twc-cpu
+  spear experiment twc-cpu --seeds 3,4 trainer.val_seed_offset=500   other seeds, another held-out set
+  spear compare results/twc-cpu                eval curves with seed bands + results.md table
   spear demo                                   run the algorithm core on the recorded batch (spear preset)
   spear demo --preset spear-official --steps 8
   spear demo --preset spear replay.replay_trigger=when_full_then_flush actor.clip_ratio_high=0.3
@@ -77,6 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="a run folder written by `spear train`")
     plot.add_argument("--out", help="output PNG (default <run_dir>/curves.png)")
 
+    experiment = sub.add_parser(
+        "experiment",
+        help="a matched comparison of algorithm arms over seeds (resumable), then `spear compare`",
+        description="Runs every arm of an experiment file for every seed from one shared SFT warm-up per seed, "
+        "each run in its own process, into one results folder. Rerun the same command to continue: finished "
+        "runs are skipped, interrupted ones resume from their newest checkpoint. Without a name: list them.",
+    )
+    experiment.add_argument("name", nargs="?", help="a built-in experiment (see the list) or an experiment YAML")
+    experiment.add_argument("--out", help="results folder (default results/<name>)")
+    experiment.add_argument("--seeds", help="comma-separated seeds instead of the file's (e.g. 3,4,5)")
+    experiment.add_argument("--arms", help="comma-separated arms to run (default all)")
+    experiment.add_argument("--steps", type=int, help="RL steps per run instead of the file's")
+    experiment.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+    compare = sub.add_parser("compare", help="compare an experiment's arms: curves with seed bands and a table")
+    compare.add_argument("folder", help="a results folder written by `spear experiment`")
+    compare.add_argument("--out", help="where compare.png / results.md / results.json go (default: the folder)")
+
     presets = sub.add_parser("presets", help="list presets, show one, or list every config key")
     presets.add_argument("name", nargs="?", help="a preset to show fully resolved, as YAML")
     presets.add_argument("--keys", action="store_true", help="list every config key with its default and doc")
@@ -119,6 +140,15 @@ def _run(args: argparse.Namespace) -> int:
         from spear_engine.commands import run_plot
 
         return run_plot(args.run_dir, args.out)
+    if args.command == "experiment":
+        from spear_engine.commands import run_experiment_command
+
+        return run_experiment_command(args.name, args.out, _int_list(args.seeds, "--seeds"),
+                                      args.arms.split(",") if args.arms else None, args.steps, args.overrides)  # fmt: skip
+    if args.command == "compare":
+        from spear_engine.commands import run_compare
+
+        return run_compare(args.folder, args.out)
     if args.command == "demo":
         from spear_engine.commands import run_demo
 
@@ -126,6 +156,15 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
         return run_demo(args.preset, args.overrides, args.config, args.steps, args.seed, args.batch)
     raise UserError("no command given; try `spear train`, `spear demo` or `spear --help`")
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,3 +128,34 @@ def run_plot(run_dir: str, out: str | None) -> int:
 
     print(plot_run(run_dir, out))
     return 0
+
+
+def run_experiment_command(name: str | None, out: str | None, seeds: list[int] | None, arms: list[str] | None,
+                           steps: int | None, overrides: Sequence[str]) -> int:  # fmt: skip
+    """``spear experiment``: list the built-in experiments, or run / continue one and compare its arms."""
+    from spear_engine.experiment import list_experiments, load_experiment, run_experiment
+
+    if name is None:
+        for known in list_experiments():
+            print(f"{known:16s} {load_experiment(known).description}")
+        return 0
+    if steps is not None and steps < 1:
+        from spear_engine.cli import UserError
+
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    folder = Path(out) if out else Path("results") / Path(name).stem
+    failed = run_experiment(name, folder, seeds, arms, steps, overrides)
+    if any((folder / "runs").glob("*/seed*/metrics.jsonl")):
+        run_compare(str(folder), None)
+    for stage in failed:
+        print(f"spear experiment: failed: {stage}")
+    return 1 if failed else 0
+
+
+def run_compare(folder: str, out: str | None) -> int:
+    """``spear compare``: curves of every arm with seed bands, and the results table."""
+    from spear_engine.compare import compare_experiment
+
+    for kind, path in compare_experiment(folder, out).items():
+        print(f"spear compare: {kind} {path}")
+    return 0

@@ -276,5 +276,5 @@ def build_logger(
     if "wandb" in names:
         sinks.append(WandbSink(run_dir, project, run_name, config or {}))
     if "console" in names:
-        sinks.append(console_progress(total_steps, resume_step or 0))
+        sinks.append(console_progress(total_steps, max(resume_step or 0, 0)))
     return MetricsLogger(sinks)

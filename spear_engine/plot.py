@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PANELS = [
-    ("success rate", [("episode/success_rate", "train"), ("val/success_rate", "eval")]),
+    ("success rate", [("episode/success_rate", "train"), ("val/success_rate", "eval, sampled"),
+                      ("val_greedy/success_rate", "eval, greedy")]),
     ("reward", [("episode/reward/mean", "episode reward"), ("critic/advantages/mean", "mean advantage")]),
     ("entropy", [("rollout/entropy", "policy entropy (per token)")]),
     ("policy loss", [("actor/pg_loss", "on-policy"), ("actor/pg_loss_replay", "replay")]),

@@ -60,6 +60,12 @@ NOT_RUN = {
     "sudo apt-get install default-jre-headless": "installs a system package as root; setup.sh's message that names "
     "it is tested by test_setup_stops_before_installing_when_java_is_missing",
     "sudo apt-get install build-essential python3-dev python3-venv": "installs system packages as root",
+    "spear experiment twc-cpu": "hours on 2 cores; tests/test_experiment.py runs the same runner (warm-up, arms, "
+    "resume, extension) on a tiny experiment, and `spear compare results/twc-cpu` reads what this command wrote",
+    "spear experiment twc-cpu --seeds 3,4,5 --out results/twc-cpu-test trainer.val_seed_offset=500 "
+    "env.kwargs.eval_fold=test": "hours on 2 cores; its overrides are loaded by test_experiment_overrides_in_readme_load",
+    "torchrun --nproc_per_node=2 -m spear_engine.cli train --preset paper-alfworld-spear": "two GPUs; the 2-rank "
+    "launch is run with the README's other torchrun command, and this preset by the one-GPU line below it",
     "spear eval": "a mention of the subcommand in prose (alone it lacks the required --run-dir); the README's full "
     "`spear eval --run-dir runs/<run> --episodes 32 --greedy` is run",
 }  # fmt: skip
@@ -118,7 +124,7 @@ def readme_commands(text: str | None = None) -> list[str]:
 def runner_of(command: str) -> str | None:
     """Which runner of this module runs a README command (None: none does)."""
     words = shlex.split(command)
-    if words[0] == "spear" and len(words) > 1 and words[1] in ("train", "eval", "plot", "presets", "demo"):
+    if words[0] == "spear" and len(words) > 1 and words[1] in ("train", "eval", "plot", "presets", "demo", "compare"):
         return "spear"
     if words[:2] == ["bash", "scripts/main.sh"]:
         return "main.sh"
@@ -278,6 +284,8 @@ def run_spear(words: list[str], command: str, monkeypatch: pytest.MonkeyPatch, c
     if sub == "train":
         run_train(args, _run_name(command), monkeypatch, capsys)
         return
+    if sub == "compare":  # the committed results folder, its outputs written here
+        args = [str(REPO / args[0]), *args[1:], "--out", str(Path.cwd() / "compare")]
     code = cli.main([sub, *args, *SUBCOMMAND_SHRINK.get(sub, [])])
     out, err = capsys.readouterr()
     assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-5000:]}"
@@ -286,6 +294,8 @@ def run_spear(words: list[str], command: str, monkeypatch: pytest.MonkeyPatch, c
         assert 0.0 <= result["val/success_rate"] <= 1.0 and result["step"] == 1, result
     elif sub == "plot":
         assert Path(out.strip().splitlines()[-1]).is_file(), out
+    elif sub == "compare":
+        assert all((Path.cwd() / "compare" / f).is_file() for f in ("compare.png", "results.md", "results.json")), out
     else:
         assert out.strip(), f"`{command}` printed nothing"
 
@@ -379,8 +389,10 @@ def test_every_readme_command_is_run_or_listed() -> None:
 @pytest.mark.parametrize("command", sorted(NOT_RUN))
 def test_the_commands_not_run_name_what_exists(command: str) -> None:
     """A command that is not run still names scripts and folders that exist, and its scripts parse."""
-    for word in shlex.split(command):
-        if "/" in word and not word.startswith(("-", "http")) and "=" not in word:
+    words = shlex.split(command)
+    outputs = {words[i + 1] for i, w in enumerate(words[:-1]) if w == "--out"}  # written by the command
+    for word in words:
+        if "/" in word and not word.startswith(("-", "http")) and "=" not in word and word not in outputs:
             path = REPO / word
             assert path.exists(), f"`{command}` names {word}, which does not exist"
             if path.suffix == ".sh":
@@ -430,3 +442,26 @@ def test_setup_stops_before_installing_when_java_is_missing(tmp_path: Path) -> N
         assert proc.returncode != 0, proc.stdout + proc.stderr
         assert "apt-get install default-jre-headless" in proc.stderr and "Java 8" in proc.stderr, proc.stderr
         assert not (tmp_path / ".venv").exists() and not proc.stdout, proc.stdout
+
+
+def test_experiment_overrides_in_readme_load() -> None:
+    """The README's experiment commands (too long to run here) name a real experiment and valid overrides."""
+    from spear_engine.experiment import arm_config, check_matched, load_experiment, select
+
+    for command in COMMANDS:
+        words = shlex.split(command)
+        if words[:2] != ["spear", "experiment"]:
+            continue
+        name, rest = words[2], words[3:]
+        overrides = [w for w in rest if "=" in w and not w.startswith("-")]
+        seeds = [int(x) for x in rest[rest.index("--seeds") + 1].split(",")] if "--seeds" in rest else None
+        spec = select(load_experiment(name), seeds=seeds)
+        check_matched(spec, overrides)
+        for arm in spec.arms:
+            config = arm_config(spec, arm, spec.seeds[0], "model", overrides)
+            for override in overrides:
+                key, value = override.split("=", 1)
+                node: Any = config.model_dump(mode="json")
+                for part in key.split("."):
+                    node = node[part]
+                assert str(node) == value, (command, key, node)

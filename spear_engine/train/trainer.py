@@ -156,7 +156,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(config))
             sinks = [s for s in tc.logger if console or s != "console"]
-            self.logger = build_logger(sinks, self.run_dir, tc.total_training_steps, self.global_step,
+            # a run that starts from scratch redoes its step 0 (warm-up, first eval): drop a crashed try's records
+            kept_step = self.global_step if self.global_step > 0 else -1
+            self.logger = build_logger(sinks, self.run_dir, tc.total_training_steps, kept_step,
                                        run_name=self.run_dir.name, config=config.model_dump(mode="json"))  # fmt: skip
 
     # -------------------------------------------------------------------------------------------
@@ -520,12 +522,14 @@ class Trainer:
         """Success rate on the eval split: one episode per eval seed 0..n-1 (this rank's share), in blocks of
         ``data.val_batch_size`` seeds (every rank runs every block, so collectives stay in step)."""
         n = episodes or self.config.trainer.val_episodes
+        first = self.config.trainer.val_seed_offset
         block = self.config.data.val_batch_size
         ro = self.config.rollout
         results: list[Episode] = []
         timing = {"rollout/env_errors": 0.0, "rollout/env_timeouts": 0.0}
         for start in range(0, n, block):
-            seeds = [s for s in range(start, min(start + block, n)) if s % self.world_size == self.rank]
+            block_seeds = range(first + start, first + min(start + block, n))
+            seeds = [s for s in block_seeds if s % self.world_size == self.rank]
             params = SamplingParams(max_new_tokens=self.config.data.max_response_length,
                                     temperature=0.0 if greedy else ro.val_temperature, top_p=ro.top_p,
                                     top_k=ro.top_k, seed=self.config.trainer.seed * 31 + 5 + start)  # fmt: skip
@@ -540,6 +544,17 @@ class Trainer:
         }
         return {**{f"val/{k.removeprefix('episode/')}": v for k, v in m.items()}, **faults}
 
+    def validate(self) -> dict[str, float]:
+        """The scheduled evaluation: sampled (``val/*``) and, with ``trainer.val_greedy``, greedy
+        (``val_greedy/*``), on the same eval seeds; ``time/eval`` is the wall time of both."""
+        start = time.perf_counter()
+        metrics = self.evaluate()
+        if self.config.trainer.val_greedy:
+            greedy = self.evaluate(greedy=True)
+            metrics.update({f"val_greedy/{k.removeprefix('val/')}": v for k, v in greedy.items()})
+        metrics["time/eval"] = time.perf_counter() - start
+        return metrics
+
     # -------------------------------------------------------------------------------------------
     # the run
     # -------------------------------------------------------------------------------------------
@@ -549,6 +564,10 @@ class Trainer:
         try:
             if self.global_step == 0 and tc.sft_warmup_steps > 0:
                 self.warmup()
+            if self.global_step == 0 and tc.test_freq and tc.val_before_train:
+                before = self.validate()  # the policy every RL arm starts from: step 0, no update yet
+                if self.logger is not None:
+                    self.logger.log(0, before)
             while self.global_step < tc.total_training_steps:
                 try:
                     metrics = self.train_step()
@@ -558,7 +577,7 @@ class Trainer:
                 t = self.global_step
                 last = t == tc.total_training_steps
                 if tc.test_freq and (t % tc.test_freq == 0 or last):
-                    metrics.update(self.evaluate())
+                    metrics.update(self.validate())
                 if self.logger is not None:
                     self.logger.log(t, metrics)
                 history.append(metrics)

@@ -77,22 +77,39 @@ def test_every_preset_trains_a_few_steps(preset: str, tmp_path: Path) -> None:
         assert all(math.isfinite(v) for v in metrics.values())
     # the success rates are those of the episodes played (LuckyEnv pays 10 exactly when it is won)
     train = [episodes for split, episodes in rollouts if split == "train"]
-    val = [e for split, episodes in rollouts if split == "eval" for e in episodes]
-    assert len(train) == 3 and len(val) == 2
+    val = [episodes for split, episodes in rollouts if split == "eval"]
+    # step 0 (before any update) and step 3 (test_freq=3), each sampled and then greedy (spear-official: sampled
+    # only, as the official validation), on eval seeds 0-1
+    modes = 2 if config.trainer.val_greedy else 1
+    assert config.trainer.val_greedy == (preset != "spear-official")
+    assert len(train) == 3 and [len(v) for v in val] == [2] * 2 * modes
     for metrics, episodes in zip(history, train):
         wins = [any(turn.reward == 10.0 for turn in e.turns) for e in episodes]
         assert [e.success for e in episodes] == wins
         assert metrics["episode/count"] == len(episodes) == 6
         assert metrics["episode/success_rate"] == pytest.approx(sum(wins) / 6)
         assert 0.0 <= metrics["episode/success_rate"] <= 1.0
-    val_wins = [any(turn.reward == 10.0 for turn in e.turns) for e in val]
-    assert history[-1]["val/success_rate"] == pytest.approx(sum(val_wins) / 2)
+    def rate(episodes: list) -> float:
+        return sum(any(turn.reward == 10.0 for turn in e.turns) for e in episodes) / len(episodes)
+
+    assert history[-1]["val/success_rate"] == pytest.approx(rate(val[modes]))
+    assert records_greedy_match(history[-1], val[modes:], modes)
     assert "val/success_rate" not in history[0] and "val/success_rate" not in history[1]  # test_freq=3
     records = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert records[0]["val/success_rate"] == pytest.approx(rate(val[0]))  # the policy before any update
+    assert records_greedy_match(records[0], val[:modes], modes)
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_00000002", "step_00000003"]
     # Whether replay admits rows here depends on what the tiny random model samples, which differs between
     # CPUs; tests/train/test_trajectory_layout.py asserts admissions for every preset with a scripted engine.
+
+
+def records_greedy_match(metrics: dict, evals: list, modes: int) -> bool:
+    """The greedy success rate is that of the second eval rollout of a step; absent when only sampled."""
+    if modes == 1:
+        return "val_greedy/success_rate" not in metrics
+    wins = [any(turn.reward == 10.0 for turn in e.turns) for e in evals[1]]
+    return metrics["val_greedy/success_rate"] == pytest.approx(sum(wins) / len(wins))
 
 
 def record_rollouts(trainer: Trainer) -> list[tuple[str, list]]:
@@ -153,14 +170,29 @@ def test_success_rates_are_the_known_outcomes_of_a_scripted_game(tmp_path: Path)
     trainer.agent_loop.run = recording  # type: ignore[method-assign]
     history = trainer.fit()
     train = [seeds for split, seeds in seeds_per_call if split == "train"]
-    val = [s for split, seeds in seeds_per_call if split == "eval" for s in seeds]
-    assert [len(seeds) for seeds in train] == [6, 6] and sorted(val) == [0, 1, 2, 3, 4]
+    val = [sorted(seeds) for split, seeds in seeds_per_call if split == "eval"]
+    # step 0 and step 2 (test_freq=2), sampled then greedy: every evaluation plays eval seeds 0..4
+    assert [len(seeds) for seeds in train] == [6, 6] and val == [[0, 1, 2, 3, 4]] * 4
     for metrics, seeds in zip(history, train):
         assert 0 < sum(s % 2 == 0 for s in seeds) < 6  # a mixed step: neither 0 nor 1 would pass by chance
         assert metrics["episode/success_rate"] == sum(s % 2 == 0 for s in seeds) / 6
         assert metrics["episode/reward/mean"] == 10.0 * sum(s % 2 == 0 for s in seeds) / 6
     assert history[-1]["val/success_rate"] == pytest.approx(3 / 5)  # seeds 0, 2, 4 of 0..4
-    assert [r["episode/success_rate"] for r in read_metrics(tmp_path / "run")] == [m["episode/success_rate"] for m in history]
+    assert history[-1]["val_greedy/success_rate"] == pytest.approx(3 / 5)
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["step"] == 0 and records[0]["val/success_rate"] == pytest.approx(3 / 5)
+    assert [r["episode/success_rate"] for r in records[1:]] == [m["episode/success_rate"] for m in history]
+
+
+def test_eval_seeds_start_at_the_offset(tmp_path: Path) -> None:
+    config = tiny_config("grpo", tmp_path, 1, "env.name=parity", "env.max_steps=1", "trainer.val_episodes=3",
+                         "trainer.val_seed_offset=7", "data.val_batch_size=2")  # fmt: skip
+    trainer = Trainer(config, console=False)
+    ParityEnv.resets.clear()
+    result = trainer.evaluate()
+    trainer.close()
+    assert sorted(s for split, s in ParityEnv.resets if split == "eval") == [7, 8, 9]
+    assert result["val/success_rate"] == pytest.approx(1 / 3)  # only seed 8 is even
 
 
 def _comparable(record: dict) -> dict:
