@@ -287,6 +287,10 @@ class RolloutConfig(Section):
     rollout_is_threshold: float = Field(2.0, gt=0)
     weight_sync_bucket_mb: float = Field(256.0, gt=0)
     """Bucket size of the weight sync into the rollout engine (ZeRO-3 parameters gathered per bucket)."""
+    kv_cache_gb: float | None = Field(None, gt=0)
+    """``rollout.name=vllm``: the KV-cache size in GiB (None: 1 GiB on CPU, vLLM's sizing from
+    ``gpu_memory_utilization`` on GPU). Too small a cache for the batch makes vLLM preempt and recompute
+    sequences: 128 parallel evaluation episodes of ~400 tokens with an fp32 135M model need ~2.3 GiB."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """``rollout.name=vllm``: passed to ``vllm.LLM`` - the share of GPU memory vLLM may take (weights,
     activations, KV cache). On CPU the engine sizes the KV cache explicitly (1 GiB), which vLLM puts first.

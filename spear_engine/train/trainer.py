@@ -202,6 +202,7 @@ class Trainer:
                 dtype=cfg.model.dtype,
                 seed=cfg.trainer.seed + self.rank,
                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                kv_cache_gb=cfg.rollout.kv_cache_gb,
             ), False
         from spear_engine.rollout.hf import HFEngine
 

@@ -68,6 +68,17 @@ def test_the_trainer_builds_vllm_with_the_configured_share(
     assert load_config("spear-official").rollout.gpu_memory_utilization == 0.6  # the official script's value
 
 
+def test_the_trainer_passes_the_configured_kv_cache_size(recording_vllm) -> None:
+    from spear_engine.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.rank, trainer.engine_name = 0, "vllm"
+    for given, expected in (("2.5", int(2.5 * 2**30)), ("null", 2**30)):  # null: the 1 GiB CPU default
+        trainer.config = load_config("spear", ["model.path=tiny", f"rollout.kv_cache_gb={given}"])
+        trainer._engine_factory()[0]()
+        assert recording_vllm[-1]["kv_cache_memory_bytes"] == expected
+
+
 def test_several_ranks_get_a_rank_local_engine_in_vllms_own_world(
     recording_vllm, monkeypatch: pytest.MonkeyPatch, tiny_path: str
 ) -> None:
