@@ -23,6 +23,7 @@ setup(
         "spear_engine.replay",
         "spear_engine.rollout",
         "spear_engine.envs",
+        "spear_engine.envs.sandbox",
         "spear_engine.train",
         "spear_kernels",
     ],

@@ -24,28 +24,9 @@ import sys
 import time
 
 import torch
+from kernels_import import import_spear_kernels
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _import_spear_kernels():
-    """The installed package, else the repository's kernels/ folder loaded under that name."""
-    try:
-        import spear_kernels
-    except ImportError:
-        import importlib.util
-
-        root = os.path.join(HERE, "..", "kernels")
-        spec = importlib.util.spec_from_file_location(
-            "spear_kernels", os.path.join(root, "__init__.py"), submodule_search_locations=[root]
-        )
-        spear_kernels = importlib.util.module_from_spec(spec)
-        sys.modules["spear_kernels"] = spear_kernels
-        spec.loader.exec_module(spear_kernels)
-    return spear_kernels
-
-
-sk = _import_spear_kernels()
+sk = import_spear_kernels()
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ENT = 0.001

@@ -47,6 +47,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .online_softmax import online_softmax_fold
+
     @triton.jit
     def _linear_fwd_kernel(
         x_ptr, w_ptr, b_ptr, labels_ptr, pm_ptr, ps_ptr, pt_ptr, pzy_ptr, z_ptr,
@@ -93,18 +95,8 @@ if HAS_TRITON:
                 tl.store(z_ptr + rows64[:, None] * stride_z + cols[None, :], z,
                          mask=rmask[:, None] & cmask[None, :])
             z = tl.where(cmask[None, :], z, float("-inf"))
-            bm = tl.max(z, 1)
-            d = tl.where(cmask[None, :], z - bm[:, None], 0.0)
-            e = tl.where(cmask[None, :], tl.exp(d), 0.0)
-            bs = tl.sum(e, 1)
-            bt = tl.sum(e * d, 1)
-            zy += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-            new_m = tl.maximum(m, bm)
-            a1 = tl.exp(m - new_m)
-            a2 = tl.exp(bm - new_m)
-            t = a1 * (t + (m - new_m) * s) + a2 * (bt + (bm - new_m) * bs)
-            s = a1 * s + a2 * bs
-            m = new_m
+            hit = cols[None, :] == labels[:, None]
+            m, s, t, zy = online_softmax_fold(z, cmask[None, :], hit, m, s, t, zy, 1)
         out = rows64 * n_splits + pid_s
         tl.store(pm_ptr + out, m, mask=rmask)
         tl.store(ps_ptr + out, s, mask=rmask)

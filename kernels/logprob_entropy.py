@@ -29,6 +29,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .online_softmax import online_softmax_fold
+
     @triton.jit
     def _lpe_fwd_kernel(
         z_ptr, stride_z, labels_ptr, logp_ptr, ent_ptr, lse_ptr, V, inv_t, BLOCK: tl.constexpr
@@ -45,18 +47,7 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK)
             valid = cols < V
             z = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
-            bm = tl.max(z, 0)
-            d = tl.where(valid, z - bm, 0.0)
-            e = tl.where(valid, tl.exp(d), 0.0)
-            bs = tl.sum(e, 0)
-            bt = tl.sum(e * d, 0)
-            zy += tl.sum(tl.where(cols == label, z, 0.0), 0)
-            new_m = tl.maximum(m, bm)
-            a1 = tl.exp(m - new_m)
-            a2 = tl.exp(bm - new_m)
-            t = a1 * (t + (m - new_m) * s) + a2 * (bt + (bm - new_m) * bs)
-            s = a1 * s + a2 * bs
-            m = new_m
+            m, s, t, zy = online_softmax_fold(z, valid, cols == label, m, s, t, zy, 0)
         log_s = tl.log(s)
         lse = m + log_s
         label_ok = (label >= 0) & (label < V)

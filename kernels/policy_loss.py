@@ -14,7 +14,8 @@ Semantics are verl 0.9's (shared/reference/spear_official_semantics.md §3):
   kl_cov   l = −A·r + β·|logp − old| on the kl_cov_mask tokens, −A·r elsewhere, no clipping;
   gpg      l = −A·logp.
 The per-token ``weights`` (replay coefficient c(t) on replay rows, importance weights) multiply the
-per-token loss before aggregation. Gradients flow to logp (and hidden / weight) only.
+per-token loss before aggregation. The aggregation is verl 0.9's ``agg_loss`` (global counts included)
+in its per-token form, ``utils.agg_scale``. Gradients flow to logp (and hidden / weight) only.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ import torch
 
 from .cov_clip import clip_cov_mask, kl_cov_mask
 from .linear_logprob_entropy import linear_logprob_entropy_stats, linear_logprob_entropy_with_grad
-from .utils import HAS_TRITON, Backend, check_written, scratch, scratch_like, use_triton
+from .utils import HAS_TRITON, Backend, agg_scale, check_written, scratch, scratch_like, use_triton
 
 LOSS_MODES = {"vanilla": 0, "clip_cov": 1, "kl_cov": 2, "gpg": 3}
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 if HAS_TRITON:
     import triton
@@ -158,37 +158,6 @@ def token_loss_terms(lp, old, a, sel, w, s, mode, lo, hi, clip_c, kl_coef, trito
     return loss, grad, flag, kl
 
 
-def agg_scale(
-    response_mask: torch.Tensor,
-    loss_agg_mode: str,
-    denominator: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
-) -> torch.Tensor:
-    """Per-token factor s (mask folded in) with agg_loss(l, m, mode) = Σ s·l, as fp32 [B, L], on device.
-
-    token-mean Σ l·m/(Σm + 1e-8) (``denominator`` overrides Σm + 1e-8, e.g. a global token count);
-    token-sum Σ l·m; seq-mean-token-sum Σ_i Σ_k l·m / B; seq-mean-token-mean (1/B) Σ_i Σ_k l·m / Σ_k m
-    (an empty row counts 0 instead of verl's NaN); seq-mean-token-sum-norm Σ l·m / L (``norm_length``
-    overrides L)."""
-    m = response_mask.float()
-    if m.dim() == 1:
-        m = m.unsqueeze(0)
-    b, length = m.shape[0], m.shape[-1]
-    if loss_agg_mode == "token-mean":
-        den = m.sum() + 1e-8 if denominator is None else denominator
-        return m / den
-    if loss_agg_mode == "token-sum":
-        return m
-    if loss_agg_mode == "seq-mean-token-sum":
-        return m / b
-    if loss_agg_mode == "seq-mean-token-mean":
-        cnt = m.sum(-1, keepdim=True)
-        return m / (torch.where(cnt > 0, cnt, torch.ones_like(cnt)) * b)
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return m / (length if norm_length is None else norm_length)
-    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; expected one of {AGG_MODES}")
-
-
 @dataclass
 class PolicyLossOutput:
     """loss: scalar (differentiable). Metrics are detached device scalars (no .item()):
@@ -266,9 +235,13 @@ def policy_loss(
     ppo_kl_coef: float = 1.0,
     selected: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: float | torch.Tensor | None = None,
+    global_batch_size: float | torch.Tensor | None = None,
+    loss_scale_factor: float | None = None,
+    backend: Backend = "auto",
     denominator: float | torch.Tensor | None = None,
     norm_length: float | None = None,
-    backend: Backend = "auto",
 ) -> PolicyLossOutput:
     """PPO-family policy loss over a micro-batch, forward and backward in one pass.
 
@@ -276,7 +249,10 @@ def policy_loss(
         logp: [B, L] current log-probs (requires grad). old_logp, advantages: [B, L]. response_mask: [B, L]
             0/1. weights: optional [B, L] (or broadcastable) per-token multipliers of the loss.
         loss_mode: vanilla | clip_cov | kl_cov | gpg. loss_agg_mode: token-mean | token-sum |
-            seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm (see ``agg_scale``).
+            seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm, verl 0.9's ``agg_loss``;
+            ``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor`` are its global
+            counts (see ``agg_scale``; ``denominator`` / ``norm_length``: deprecated names of
+            ``batch_num_tokens`` / ``loss_scale_factor``).
         selected: optional precomputed clip_cov / kl_cov token mask; otherwise computed on device
             (Clip-Cov draws from ``generator``).
     Returns: PolicyLossOutput; ``loss.backward()`` gives d/dlogp without re-running anything.
@@ -290,7 +266,8 @@ def policy_loss(
     a = advantages.reshape(-1).float().contiguous()
     m = response_mask.reshape(-1).float()
     w = None if weights is None else torch.broadcast_to(weights, logp.shape).reshape(-1).float().contiguous()
-    s = agg_scale(response_mask, loss_agg_mode, denominator, norm_length).reshape(-1).contiguous()
+    s = agg_scale(response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor,
+                  denominator=denominator, norm_length=norm_length).reshape(-1).contiguous()
     sel_flat = (sel.reshape(-1) if sel is not None else torch.zeros_like(lp, dtype=torch.bool)).contiguous()
     loss_tok, grad, flag, kl = token_loss_terms(
         lp, old, a, sel_flat, w, s, loss_mode, 1 - clip_ratio_low, 1 + clip_ratio_high, clip_ratio_c,
@@ -343,18 +320,22 @@ def fused_linear_policy_loss(
     kl_cov_ratio: float = 2e-4,
     ppo_kl_coef: float = 1.0,
     generator: torch.Generator | None = None,
-    denominator: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: float | torch.Tensor | None = None,
+    global_batch_size: float | torch.Tensor | None = None,
+    loss_scale_factor: float | None = None,
     chunk_size: int | None = None,
     backward_mode: str = "in_forward",
     backend: Backend = "auto",
+    denominator: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
 ) -> PolicyLossOutput:
     """hidden → logp / entropy → policy loss − entropy_coeff·agg(H) → gradients, without [N, V] logits.
 
     Args:
         hidden: [B, L, H] last hidden states (already shifted so that position k predicts labels[:, k]).
         weight: [V, H] lm_head; bias: optional [V]; labels: [B, L] target ids.
-        old_logp, advantages, response_mask, weights: [B, L], as in ``policy_loss``. ``old_logp=None``: the
+        old_logp, advantages, response_mask, weights: [B, L], and the aggregation, as in ``policy_loss``. ``old_logp=None``: the
             update is exactly on-policy (TRL's ``num_iterations=1``): the old log-probs are this pass's own,
             detached, so every ratio is 1; the returned ``logp`` is then what a separate pass would give.
         entropy_weights: optional [B, L] multipliers of the entropy bonus (for SPEAR replay rows the
@@ -388,7 +369,8 @@ def fused_linear_policy_loss(
     m = response_mask.reshape(-1).float()
     w = None if weights is None else torch.broadcast_to(weights, labels.shape).reshape(-1).float().contiguous()
     ew = None if entropy_weights is None else torch.broadcast_to(entropy_weights, labels.shape).reshape(-1).float()
-    s = agg_scale(response_mask, loss_agg_mode, denominator, norm_length).reshape(-1).contiguous()
+    s = agg_scale(response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor,
+                  denominator=denominator, norm_length=norm_length).reshape(-1).contiguous()
     sel_flat = (sel.reshape(-1) if sel is not None else torch.zeros(n, dtype=torch.bool, device=dev)).contiguous()
     loss_tok = scratch(n, dtype=torch.float32, device=dev)
     flags = scratch(n, dtype=torch.int8, device=dev)

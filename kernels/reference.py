@@ -4,14 +4,20 @@ They materialise everything in float32 and let autograd do the backward, so they
 memory-hungry on purpose: they are the definition the kernels are tested against. The formulas
 follow verl 0.9 ``core_algos`` (see shared/reference/spear_official_semantics.md §3), written as
 literally as possible (``torch.clamp``/``maximum``/``where`` so that autograd's tie rules apply).
+The loss aggregation is not written a second time here: it is the package's one definition of verl
+0.9's ``agg_loss`` (``spear_kernels.agg_scale`` / ``agg_loss``), tested against verl and by hand.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from .utils import agg_scale
+
 LOSS_MODES = ("vanilla", "clip_cov", "kl_cov", "gpg")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_AGG_INFO = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
 def logprob_entropy_ref(
@@ -99,33 +105,6 @@ def kl_cov_selected_ref(
     return out
 
 
-def agg_loss_ref(
-    loss_mat: torch.Tensor,
-    mask: torch.Tensor,
-    mode: str,
-    denominator: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
-) -> torch.Tensor:
-    """verl agg_loss over a [B, L] micro-batch. Empty rows count as 0 in seq-mean-token-mean (verl gives
-    NaN there); ``denominator`` replaces Σm in token-mean (global token count), ``norm_length`` replaces L
-    in seq-mean-token-sum-norm."""
-    m = mask.float()
-    if mode == "token-mean":
-        den = m.sum() + 1e-8 if denominator is None else denominator
-        return (loss_mat * m).sum() / den
-    if mode == "token-sum":
-        return (loss_mat * m).sum()
-    if mode == "seq-mean-token-sum":
-        return (loss_mat * m).sum(-1).mean()
-    if mode == "seq-mean-token-mean":
-        cnt = m.sum(-1)
-        per_row = (loss_mat * m).sum(-1) / torch.where(cnt > 0, cnt, torch.ones_like(cnt))
-        return per_row.mean()
-    if mode == "seq-mean-token-sum-norm":
-        return (loss_mat * m).sum() / (m.shape[-1] if norm_length is None else norm_length)
-    raise ValueError(f"unknown loss_agg_mode {mode!r}")
-
-
 def policy_loss_ref(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -139,13 +118,15 @@ def policy_loss_ref(
     weights: torch.Tensor | None = None,
     selected: torch.Tensor | None = None,
     ppo_kl_coef: float = 1.0,
-    denominator: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
+    **agg_info: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss of verl's vanilla / clip_cov / kl_cov / gpg, times ``weights``, aggregated.
 
     ``selected`` is the clip_cov detach set (corr = 0) or the kl_cov top-k set; the selections themselves
-    are random / data-dependent and are tested separately. Returns (loss, per-token loss).
+    are random / data-dependent and are tested separately. ``agg_info``: the global counts of the
+    aggregation (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``), which is
+    the package's one definition (``utils.agg_scale``, verl 0.9; tested against verl and by hand
+    elsewhere). Returns (loss, per-token loss).
     """
     a = advantages.float()
     lp = logp.float()
@@ -176,7 +157,7 @@ def policy_loss_ref(
         raise ValueError(f"unknown loss_mode {loss_mode!r}")
     if weights is not None:
         loss = loss * weights.float()
-    return agg_loss_ref(loss, m, loss_agg_mode, denominator, norm_length), loss
+    return (loss * agg_scale(m, loss_agg_mode, **agg_info)).sum(), loss
 
 
 def fused_linear_policy_loss_ref(
@@ -202,8 +183,7 @@ def fused_linear_policy_loss_ref(
     loss = pg
     if entropy_coeff != 0.0:
         h = ent if entropy_weights is None else ent * entropy_weights.float()
-        mode = loss_kwargs.get("loss_agg_mode", "token-mean")
-        loss = loss - entropy_coeff * agg_loss_ref(
-            h, response_mask, mode, loss_kwargs.get("denominator"), loss_kwargs.get("norm_length")
-        )
+        info = {k: loss_kwargs[k] for k in _AGG_INFO if k in loss_kwargs}
+        scale = agg_scale(response_mask, loss_kwargs.get("loss_agg_mode", "token-mean"), **info)
+        loss = loss - entropy_coeff * (h * scale).sum()
     return loss, logp, ent

@@ -1,15 +1,22 @@
-"""Dispatch, shape checks and Triton launch helpers shared by every op of ``spear_kernels``.
+"""Dispatch, shape checks, Triton launch helpers and the loss aggregation shared by every op of ``spear_kernels``.
 
 Dispatch rule (see DESIGN.md): CUDA tensors run the Triton kernels, CPU tensors run a chunked torch
 path with bounded memory. ``SPEAR_KERNELS_BACKEND=triton`` (or ``backend="triton"`` on an entry point)
 forces the Triton kernels on CPU tensors too; that only works under ``TRITON_INTERPRET=1`` set before
 this package is imported, which is how the tests exercise the kernels without a GPU.
+``SPEAR_KERNELS_BACKEND=torch`` forces the torch path everywhere. It is the project's one backend
+switch: spear_engine reads the same variable (through :func:`use_triton`).
+
+Loss aggregation (verl 0.9 ``agg_loss``, with the global token / sequence counts data-parallel ranks
+need) is defined once, here: :func:`agg_loss` (the scalar) and :func:`agg_scale` (the same as per-token
+weights, what the fused kernels sum).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 import torch
 
@@ -136,3 +143,152 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 def as_f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# loss aggregation: verl 0.9 ``agg_loss``, the one definition (the kernels, their reference and the
+# engine's verl-style losses all aggregate through it)
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_SEQ_MODES = ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, axis: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """Sum of ``values`` where ``mask`` is non-zero (bool or numeric mask, weights multiply).
+
+    Values outside the mask are replaced by 0 before multiplying, so NaN/inf padding cannot leak in.
+    """
+    kept = torch.where(mask.bool(), values, 0.0)
+    return (kept * mask).sum(dim=axis)
+
+
+def _agg_count(
+    mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int,
+    batch_num_tokens: int | float | torch.Tensor | None,
+    global_batch_size: int | float | torch.Tensor | None,
+) -> int | float | torch.Tensor | None:
+    """The count verl 0.9 divides by in ``loss_agg_mode``: tokens (token-mean), non-empty rows (seq-mean-*),
+    none (token-sum). The global count when given; the micro-batch's own only when ``dp_size == 1``."""
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is not None:
+            return batch_num_tokens
+        if dp_size > 1:
+            raise ValueError("token-mean with dp_size > 1 needs the global batch_num_tokens")
+        return mask.sum()
+    if loss_agg_mode == "token-sum":
+        return None
+    if loss_agg_mode in _SEQ_MODES:
+        if global_batch_size is not None:
+            return global_batch_size
+        if dp_size > 1:
+            raise ValueError(f"{loss_agg_mode} with dp_size > 1 needs the global_batch_size")
+        return (mask.sum(dim=-1) > 0).float().sum()
+    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; expected one of {list(AGG_MODES)}")
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: int | float | torch.Tensor | None = None,
+    global_batch_size: int | float | torch.Tensor | None = None,
+    loss_scale_factor: float | None = None,
+) -> torch.Tensor:
+    """Reduce a ``[B, T]`` token-loss matrix to a scalar: verl 0.9.1 ``core_algos.agg_loss``, bit for bit.
+
+    With ``m`` the mask, ``S_i = Σ_k l_ik m_ik``, ``N = batch_num_tokens`` (default ``Σ m``) and
+    ``G = global_batch_size`` (default: the rows with a non-empty mask):
+
+    * ``token-mean``: ``Σ l m / N · dp``; ``token-sum``: ``Σ l m · dp``;
+    * ``seq-mean-token-sum``: ``Σ_i S_i / G · dp``;
+    * ``seq-mean-token-sum-norm`` (Dr.GRPO): the same divided by ``loss_scale_factor`` (default ``T``);
+    * ``seq-mean-token-mean``: ``Σ_i [S_i / (Σ_k m_ik + 1e-8)] / G · dp``.
+
+    ``dp_size > 1`` needs the global ``batch_num_tokens`` / ``global_batch_size`` (summed over the
+    data-parallel ranks); the ranks' gradients are then averaged. A mask without any valid token gives
+    0 / 0 = NaN with the default counts, as verl 0.9. NaN/inf at masked positions never leak in (verl
+    guards only the token modes). :func:`agg_scale` is the same aggregation as per-token weights.
+    The older verl of the official SPEAR code: pass :func:`legacy_global_batch_info`.
+    """
+    count = _agg_count(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size)
+    if loss_agg_mode == "token-mean":
+        return masked_sum(loss_mat, loss_mask) / count * dp_size
+    if loss_agg_mode == "token-sum":
+        return masked_sum(loss_mat, loss_mask) * dp_size
+    tokens_per_row = loss_mask.sum(dim=-1)
+    row_sums = masked_sum(loss_mat, loss_mask, axis=-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        row_sums = row_sums / (tokens_per_row + 1e-8)
+    loss = masked_sum(row_sums, (tokens_per_row > 0).float()) / count * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
+
+
+def agg_scale(
+    mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: int | float | torch.Tensor | None = None,
+    global_batch_size: int | float | torch.Tensor | None = None,
+    loss_scale_factor: float | None = None,
+    *,
+    denominator: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
+) -> torch.Tensor:
+    """Per-token weights ``s`` (mask folded in, fp32, ``mask``'s shape and device) with
+    ``agg_loss(l, mask, mode, **info) == Σ s·l``: verl 0.9's aggregation as the factor each token's loss
+    gets, so a kernel (or a trainer summing micro-batches) only sums. Same arguments as :func:`agg_loss`:
+
+    ``m / N · dp`` (token-mean), ``m · dp`` (token-sum), ``m / G · dp`` (seq-mean-token-sum),
+    ``m / G · dp / loss_scale_factor`` (seq-mean-token-sum-norm, default factor ``T``),
+    ``m / G · dp / (Σ_k m_ik + 1e-8)`` (seq-mean-token-mean).
+
+    A masked token weighs exactly 0, also when nothing is valid (where ``agg_loss`` gives verl's 0 / 0 =
+    NaN, the weights give a loss of 0). ``denominator`` / ``norm_length`` are the deprecated names of
+    ``batch_num_tokens`` / ``loss_scale_factor``.
+    """
+    if denominator is not None or norm_length is not None:
+        warnings.warn("agg_scale(denominator=, norm_length=) are deprecated: pass batch_num_tokens= / "
+                      "loss_scale_factor= (verl 0.9's names)", DeprecationWarning, stacklevel=2)  # fmt: skip
+        if (denominator is not None and batch_num_tokens is not None) or (
+            norm_length is not None and loss_scale_factor is not None
+        ):
+            raise ValueError("pass batch_num_tokens / loss_scale_factor, not also their deprecated names")
+        batch_num_tokens = denominator if denominator is not None else batch_num_tokens
+        loss_scale_factor = norm_length if norm_length is not None else loss_scale_factor
+    m = mask.float()
+    count = _agg_count(m, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size)
+    if loss_agg_mode == "token-sum":
+        scale = m * dp_size
+    else:
+        scale = m / count * dp_size
+        if loss_agg_mode == "seq-mean-token-mean":
+            scale = scale / (m.sum(-1, keepdim=True) + 1e-8)
+        elif loss_agg_mode == "seq-mean-token-sum-norm":
+            scale = scale / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return torch.where(m != 0, scale, torch.zeros_like(scale))
+
+
+def legacy_global_batch_info(loss_agg_mode: str, response_mask: torch.Tensor) -> dict[str, Any]:
+    """:func:`agg_loss` / :func:`agg_scale` kwargs that reproduce the older verl of the official SPEAR code
+    (spec 3.5), whose ``agg_loss`` took no batch info and normalised each micro-batch on its own:
+
+    ``token-mean`` = ``Σ l m / (Σ m + 1e-8)``; ``seq-mean-token-sum`` = mean over all ``B`` rows, empty
+    ones included; ``seq-mean-token-sum-norm`` = ``Σ l m / T`` (*not* divided by the number of rows);
+    ``seq-mean-token-mean`` = mean over all rows of ``S_i / Σ_k m_ik``. Same value for every mask, except
+    that an empty row in ``seq-mean-token-mean`` made the old value NaN and here counts as 0.
+    """
+    rows = response_mask.shape[0]
+    if loss_agg_mode == "token-mean":
+        return {"batch_num_tokens": response_mask.sum() + 1e-8}
+    if loss_agg_mode == "token-sum":
+        return {}
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return {"global_batch_size": rows}
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return {"global_batch_size": 1}
+    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; expected one of {list(AGG_MODES)}")

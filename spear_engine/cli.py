@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from spear_engine.config_loading import ConfigError
+from spear_engine.errors import UserError, user_error_types  # both also importable from here
 
 EPILOG = """\
 examples:
@@ -30,19 +31,6 @@ examples:
 
 Overrides are dotted key=value pairs (values parsed as YAML: true, null, 1e-6, [1, 2]).
 """
-
-
-class UserError(Exception):
-    """An error the user can fix; printed without a stack trace."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors raised deeper down that are the user's to fix (a missing model, a bad checkpoint, ...)."""
-    from spear_engine.models import ModelNotFoundError
-    from spear_engine.train.checkpoint import CheckpointError
-    from spear_engine.train.trainer import TrainingHalted
-
-    return (ModelNotFoundError, CheckpointError, TrainingHalted, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from spear_engine.config import SpearConfig
 from spear_engine.config_loading import config_to_yaml, list_presets, load_config, load_preset_dict
+from spear_engine.errors import UserError
 
 
 def show_presets(name: str | None, keys: bool) -> int:
@@ -55,7 +56,6 @@ def run_demo(
 
 def _check_recording(path: str) -> None:
     """A ``--batch`` file that is missing or not a recording is a user error, named before the demo starts."""
-    from spear_engine.cli import UserError
     from spear_engine.data import load_episodes
 
     if not Path(path).is_file():
@@ -140,8 +140,6 @@ def run_experiment_command(name: str | None, out: str | None, seeds: list[int] |
             print(f"{known:16s} {load_experiment(known).description}")
         return 0
     if steps is not None and steps < 1:
-        from spear_engine.cli import UserError
-
         raise UserError(f"--steps must be at least 1, got {steps}")
     folder = Path(out) if out else Path("results") / Path(name).stem
     failed = run_experiment(name, folder, seeds, arms, steps, overrides)

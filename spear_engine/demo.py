@@ -19,6 +19,7 @@ from spear_engine.algorithms.self_imitation import ReplayBatch, SelfImitation
 from spear_engine.algorithms.token_ops import entropy_from_logits, logprobs_from_logits
 from spear_engine.config import SpearConfig
 from spear_engine.data import Episode, RolloutBatch, load_episodes
+from spear_engine.metrics import episode_metrics
 from spear_engine.pipeline import (
     compute_advantages,
     filter_groups,
@@ -68,17 +69,8 @@ def _previous_tokens_of_sequences(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
 
 
-def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
-    lengths = np.array([e.length for e in episodes], dtype=np.float64)
-    rewards = np.array([e.reward for e in episodes], dtype=np.float64)
-    valid = [t.action_valid for e in episodes for t in e.turns]
-    return {
-        "episode/success_rate": float(np.mean([e.success for e in episodes])),
-        "episode/reward/mean": float(rewards.mean()),
-        "episode/length/mean": float(lengths.mean()),
-        "episode/tool_calls/mean": float(np.mean([e.tool_calls for e in episodes])),
-        "valid_action_ratio": float(np.mean(valid)),
-    }
+def valid_action_ratio(episodes: list[Episode]) -> float:
+    return float(np.mean([t.action_valid for e in episodes for t in e.turns]))
 
 
 def _print_row(metrics: dict[str, float], header: bool) -> None:
@@ -108,7 +100,8 @@ def run(config: SpearConfig, steps: int, seed: int = 0, recording: str | Path | 
     history = []
     for step in range(1, steps + 1):
         episodes = rollouts[(step - 1) % len(rollouts)]
-        metrics: dict[str, float] = {"step": float(step), **schedule_metrics(config, step), **episode_metrics(episodes)}
+        metrics: dict[str, float] = {"step": float(step), **schedule_metrics(config, step), **episode_metrics(episodes),
+                                      "valid_action_ratio": valid_action_ratio(episodes)}  # fmt: skip
         rng = np.random.default_rng((seed % 2**32, step))
         batch, m = pad_batch(config, RolloutBatch.from_episodes(episodes), rng)
         metrics.update(m)

@@ -256,6 +256,7 @@ def run_experiment(name: str, out: str | Path, seeds: Sequence[int] | None = Non
             config_file = _write_config(warmup_config(spec, seed, overrides), folder / "warmup" / f"seed{seed}.yaml")
             if stage_runner(["warmup", str(config_file), str(warm)], folder / "warmup" / f"seed{seed}.log") != 0:
                 failed.append(f"warmup seed {seed} (log {folder / 'warmup' / f'seed{seed}.log'})")
+                report(f"[seed {seed}] warm-up FAILED: its arms are skipped; rerun to retry")
                 continue
         start_eval = warm / START_EVAL_FILE
         for arm in spec.arms:
@@ -268,7 +269,9 @@ def run_experiment(name: str, out: str | Path, seeds: Sequence[int] | None = Non
             began = time.perf_counter()
             status = stage_runner(["arm", str(config_file), str(run_dir), str(start_eval)], run_dir / "train.log")
             if status != 0:
-                failed.append(f"{arm} seed {seed} (log {run_dir / 'train.log'})")
+                why = "killed by signal 9: out of memory?" if status == -9 else f"exit status {status}"
+                failed.append(f"{arm} seed {seed} ({why}; log {run_dir / 'train.log'})")
+                report(f"[seed {seed}] {arm}: FAILED ({why}); the other runs go on, rerun to resume it")
                 continue
             report(f"[seed {seed}] {arm}: done in {(time.perf_counter() - began) / 60:.1f} min")
             if not spec.keep_final_checkpoint:

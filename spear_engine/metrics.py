@@ -13,12 +13,57 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 METRICS_FILE = "metrics.jsonl"
 SINKS = ("jsonl", "tensorboard", "wandb", "console")
+
+
+def episode_metrics(
+    episodes: Sequence[Any], sum_over_ranks: Callable[[np.ndarray], np.ndarray] | None = None
+) -> dict[str, float]:
+    """Per-episode means (success, reward, length, tool calls), the longest episode and the count.
+    ``sum_over_ranks`` adds up the five totals of every rank (success, reward, length, tool calls, episodes)
+    so every rank reports the global means; the longest episode is this rank's."""
+    stats = np.array([[e.success, e.reward, e.length, e.tool_calls, 1.0] for e in episodes], dtype=np.float64)
+    totals = stats.reshape(-1, 5).sum(0)
+    if sum_over_ranks is not None:
+        totals = sum_over_ranks(totals)
+    count = max(float(totals[4]), 1.0)
+    return {
+        "episode/success_rate": float(totals[0]) / count,
+        "episode/reward/mean": float(totals[1]) / count,
+        "episode/length/mean": float(totals[2]) / count,
+        "episode/length/max": float(max([e.length for e in episodes] or [0])),
+        "episode/tool_calls/mean": float(totals[3]) / count,
+        "episode/count": count,
+    }
+
+
+class StageClock:
+    """Wall time of a step's stages: ``with clock("rollout"): ...`` records ``time/rollout``; ``total()``
+    adds ``time/step`` (since the clock was made) and returns every timing."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"time/{stage}"] = time.perf_counter() - mark
+
+    def total(self) -> dict[str, float]:
+        self.timings["time/step"] = time.perf_counter() - self.start
+        return dict(self.timings)
 
 
 class MetricsSink(Protocol):

@@ -11,6 +11,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from spear_engine.metrics import TensorBoardSink, WandbSink, build_logger, read_metrics
@@ -173,3 +174,33 @@ def test_wandb_offline_run_holds_the_logged_history(tmp_path: Path, monkeypatch:
     assert nan_loss[0] == 3 and (nan_loss[1] == "NaN" or math.isnan(float(nan_loss[1])))
     assert_same_series(got, expected_series())
     assert "exit" in kinds  # finish() closed the run
+
+
+def test_episode_metrics_are_means_over_every_ranks_episodes() -> None:
+    from types import SimpleNamespace
+
+    from spear_engine.metrics import episode_metrics
+
+    def ep(success: bool, reward: float, length: int, calls: int) -> SimpleNamespace:
+        return SimpleNamespace(success=success, reward=reward, length=length, tool_calls=calls)
+
+    mine = [ep(True, 10.0, 3, 2), ep(False, 0.0, 5, 1)]
+    other_rank = np.array([1.0, 10.0, 2.0, 4.0, 2.0])  # two episodes: one win, lengths 2 in all, 4 tool calls
+    m = episode_metrics(mine, lambda totals: totals + other_rank)
+    assert m["episode/success_rate"] == 2 / 4 and m["episode/reward/mean"] == 20.0 / 4
+    assert m["episode/length/mean"] == 10 / 4 and m["episode/tool_calls/mean"] == 7 / 4
+    assert m["episode/count"] == 4 and m["episode/length/max"] == 5  # the longest is this rank's
+    assert episode_metrics([])["episode/success_rate"] == 0.0  # no episodes: no division by zero
+
+
+def test_stage_clock_times_each_stage_and_the_step() -> None:
+    from spear_engine.metrics import StageClock
+
+    clock = StageClock()
+    with clock("rollout"):
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError), clock("update"):  # a stage that raises is still timed
+        raise RuntimeError
+    timings = clock.total()
+    assert set(timings) == {"time/rollout", "time/update", "time/step"}
+    assert timings["time/rollout"] >= 0.01 and timings["time/step"] >= timings["time/rollout"] + timings["time/update"]

@@ -1,66 +1,51 @@
-"""Dispatch of the verl-style token functions and policy losses to the fused kernels (``spear_kernels``).
+"""Dispatch of the verl-style policy losses to the fused kernels (``spear_kernels``).
 
-CUDA tensors go to the Triton kernels (one pass for the per-token loss and its gradient, Clip-Cov /
-KL-Cov selection on device); CPU tensors stay on the torch implementation of this package, which is
-bit-compatible with verl 0.9. ``SPEAR_LOSS_BACKEND=kernels`` forces the kernel path on CPU too (its
-chunked torch implementation, or Triton under ``TRITON_INTERPRET=1`` with
-``SPEAR_KERNELS_BACKEND=triton``); ``=torch`` forces the torch path everywhere.
+One switch picks the implementation, ``SPEAR_KERNELS_BACKEND`` (``spear_kernels.BACKEND_ENV``), read by
+the kernels and by this module alike: a tensor that the kernels would run through Triton (``auto``: a
+CUDA tensor; ``triton``: any tensor, CPU ones under ``TRITON_INTERPRET=1``) takes the kernel path, one
+pass for the per-token loss and its gradient, Clip-Cov / KL-Cov selection on device; any other tensor
+(``auto`` on CPU, or ``torch`` everywhere) stays on the torch implementation of this package, which is
+bit-compatible with verl 0.9. ``SPEAR_LOSS_BACKEND`` (``auto`` | ``kernels`` | ``torch``) is the
+deprecated older switch of this module alone; it still works (``kernels``: the kernel path on every
+tensor, with the kernels' own backend choice) and warns.
 
-The kernel path keeps verl's aggregation exactly by turning ``agg_loss``'s normalisation (with the
-``global_batch_info`` kwargs) into per-token weights of a token-sum, so global token / sequence counts
-across ranks work unchanged. Differences, all on degenerate input: a micro-batch whose mask is empty
-gives a loss of 0 instead of NaN (token-mean, seq-mean-token-mean), and Clip-Cov draws its tokens from
-the device generator, not from ``torch.randperm`` on the CPU generator (same distribution, different
-stream).
+The kernel path keeps verl's aggregation exactly: ``spear_kernels.agg_scale`` turns ``agg_loss``'s
+normalisation (with the ``global_batch_info`` kwargs) into per-token weights of a token-sum, so global
+token / sequence counts across ranks work unchanged. Differences, all on degenerate input: a micro-batch
+whose mask is empty gives a loss of 0 instead of NaN (token-mean, seq-mean-*), and Clip-Cov draws its
+tokens from the device generator, not from ``torch.randperm`` on the CPU generator (same distribution,
+different stream).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
 
-LOSS_BACKEND_ENV = "SPEAR_LOSS_BACKEND"
+import spear_kernels
+from spear_kernels.utils import use_triton
+
+BACKEND_ENV = spear_kernels.BACKEND_ENV
+"""``SPEAR_KERNELS_BACKEND``: auto | triton | torch, the one backend switch of the project."""
+LEGACY_LOSS_BACKEND_ENV = "SPEAR_LOSS_BACKEND"
+"""Deprecated: auto | kernels | torch, the loss functions' own switch before ``SPEAR_KERNELS_BACKEND``."""
 
 
 def use_kernels(tensor: torch.Tensor) -> bool:
     """True when ``tensor`` should take the ``spear_kernels`` path (see the module docstring)."""
-    choice = os.environ.get(LOSS_BACKEND_ENV, "auto")
-    if choice == "kernels":
-        return True
-    if choice == "torch":
-        return False
-    if choice != "auto":
-        raise ValueError(f"{LOSS_BACKEND_ENV}={choice!r}; expected auto, kernels or torch")
-    return tensor.is_cuda
-
-
-def verl_token_scale(
-    mask: torch.Tensor,
-    loss_agg_mode: str,
-    dp_size: int = 1,
-    batch_num_tokens: int | torch.Tensor | None = None,
-    global_batch_size: int | torch.Tensor | None = None,
-    loss_scale_factor: float | None = None,
-) -> torch.Tensor:
-    """Per-token factor s with ``agg_loss(l, mask, mode, **info) == sum(s * l)`` (verl 0.9 semantics)."""
-    m = mask.float()
-    if loss_agg_mode == "token-mean":
-        count = m.sum() if batch_num_tokens is None else batch_num_tokens
-        return m / count * dp_size
-    if loss_agg_mode == "token-sum":
-        return m * dp_size
-    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
-        per_row = m.sum(-1, keepdim=True)
-        rows = (per_row > 0).float().sum() if global_batch_size is None else global_batch_size
-        scale = m / rows * dp_size
-        if loss_agg_mode == "seq-mean-token-mean":
-            scale = scale / (per_row + 1e-8)
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            scale = scale / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-        return scale
-    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}")
+    legacy = os.environ.get(LEGACY_LOSS_BACKEND_ENV)
+    if legacy is not None:
+        warnings.warn(
+            f"{LEGACY_LOSS_BACKEND_ENV} is deprecated: set {BACKEND_ENV}=triton (kernel path) or =torch "
+            f"(torch path) instead", DeprecationWarning, stacklevel=2,
+        )  # fmt: skip
+        if legacy not in ("auto", "kernels", "torch"):
+            raise ValueError(f"{LEGACY_LOSS_BACKEND_ENV}={legacy!r}; expected auto, kernels or torch")
+        return legacy == "kernels" or (legacy == "auto" and tensor.is_cuda)  # exactly as before
+    return use_triton(tensor)
 
 
 def kernel_policy_loss(
@@ -75,9 +60,7 @@ def kernel_policy_loss(
     **constants: float,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The verl-style ``(loss, metrics)`` of ``loss_mode`` computed by ``spear_kernels.policy_loss``."""
-    import spear_kernels
-
-    weights = verl_token_scale(response_mask, loss_agg_mode, **batch_info)
+    weights = spear_kernels.agg_scale(response_mask, loss_agg_mode, **batch_info)
     if rollout_is_weights is not None:
         weights = weights * rollout_is_weights
     out = spear_kernels.policy_loss(
@@ -97,12 +80,3 @@ def kernel_loss_metrics(loss_mode: str, out: Any) -> dict[str, float]:
     if loss_mode == "vanilla":
         metrics["actor/pg_clipfrac_lower"] = out.pg_clipfrac_lower.item()
     return metrics
-
-
-def kernel_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (logp, entropy) of ``[..., V]`` logits by ``spear_kernels.logprob_entropy``, shaped ``[...]``."""
-    import spear_kernels
-
-    lead, vocab = logits.shape[:-1], logits.shape[-1]
-    logp, entropy = spear_kernels.logprob_entropy(logits.reshape(-1, vocab), labels.reshape(-1).long())
-    return logp.reshape(lead), entropy.reshape(lead)

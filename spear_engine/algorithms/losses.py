@@ -10,6 +10,11 @@ SPEAR additions (not in verl 0.9): :func:`replay_loss_config` (the official ``is
 switch, expressed as a config view), :func:`legacy_global_batch_info` (the aggregation of the older
 verl the official SPEAR code runs on) and :func:`actor_loss` (spec 3.6).
 
+Loss aggregation is defined once, in ``spear_kernels`` (which cannot import this package):
+:func:`agg_loss` and :func:`legacy_global_batch_info` here are ``spear_kernels.agg_loss`` /
+``spear_kernels.legacy_global_batch_info``, and the kernel path's per-token weights are
+``spear_kernels.agg_scale`` of the same arguments.
+
 Deliberate differences from verl 0.9, none of which changes a result for finite inputs:
 * invalid hyper-parameters raise ``ValueError`` instead of failing an ``assert``;
 * ``agg_loss`` ignores NaN/inf at masked positions in every mode (verl only in the token modes);
@@ -24,20 +29,16 @@ from typing import Any
 import torch
 
 from spear_engine.algorithms.kernel_dispatch import kernel_policy_loss, use_kernels
-from spear_engine.algorithms.token_ops import entropy_from_logits, masked_mean, masked_sum
+from spear_engine.algorithms.token_ops import entropy_from_logits, masked_mean
+from spear_kernels import AGG_MODES, agg_loss, legacy_global_batch_info  # noqa: F401  (re-exported: verl API)
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
 POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
 """Registered policy losses by name: vanilla, clip_cov, kl_cov, gpg (spec 3)."""
 
-LOSS_AGG_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-    "seq-mean-token-mean",
-)
+LOSS_AGG_MODES = AGG_MODES
+"""The ``loss_agg_mode`` values of verl 0.9 ``agg_loss`` (:func:`agg_loss`)."""
 
 LOG_RATIO_CLAMP = 20.0
 """|log pi - log pi_old| is clamped to this before exp in the vanilla loss (verl; spec 3.1)."""
@@ -209,81 +210,8 @@ def replay_loss_config(config: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# aggregation
+# aggregation (agg_loss, legacy_global_batch_info: spear_kernels', imported above)
 # --------------------------------------------------------------------------------------------
-def agg_loss(
-    loss_mat: torch.Tensor,
-    loss_mask: torch.Tensor,
-    loss_agg_mode: str,
-    dp_size: int = 1,
-    batch_num_tokens: int | torch.Tensor | None = None,
-    global_batch_size: int | torch.Tensor | None = None,
-    loss_scale_factor: float | None = None,
-) -> torch.Tensor:
-    """Reduce a ``[B, T]`` token-loss matrix to a scalar (verl 0.9 ``agg_loss``, spec 3.5).
-
-    Modes (``m`` = mask, ``S_i = sum_k l_ik m_ik``, ``b`` = rows with a non-empty mask):
-
-    * ``token-mean``: ``sum l m / N * dp`` with ``N = batch_num_tokens`` (default ``sum m``; an
-      all-empty mask then gives NaN, as verl 0.9).
-    * ``token-sum``: ``sum l m * dp``.
-    * ``seq-mean-token-sum``: ``sum_i S_i / G * dp`` with ``G = global_batch_size`` (default ``b``).
-    * ``seq-mean-token-sum-norm`` (Dr.GRPO): the same divided by ``loss_scale_factor``
-      (default ``T``, the mask width).
-    * ``seq-mean-token-mean``: ``sum_i [S_i / (sum_k m_ik + 1e-8)] / G * dp``.
-
-    ``dp_size > 1`` requires the global ``batch_num_tokens`` / ``global_batch_size``.
-
-    The official SPEAR code runs an older verl whose ``seq-mean-token-sum-norm`` is ``sum l m / T``
-    *without* dividing by the number of sequences: that is ``global_batch_size=1`` here. See
-    :func:`legacy_global_batch_info` for every mode.
-    """
-    if loss_agg_mode == "token-mean":
-        if batch_num_tokens is None:
-            if dp_size > 1:
-                raise ValueError("token-mean with dp_size > 1 needs the global batch_num_tokens")
-            batch_num_tokens = loss_mask.sum()
-        return masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
-    if loss_agg_mode == "token-sum":
-        return masked_sum(loss_mat, loss_mask) * dp_size
-    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
-        tokens_per_row = loss_mask.sum(dim=-1)
-        row_sums = masked_sum(loss_mat, loss_mask, axis=-1)
-        if loss_agg_mode == "seq-mean-token-mean":
-            row_sums = row_sums / (tokens_per_row + 1e-8)
-        nonempty = (tokens_per_row > 0).float()
-        if global_batch_size is None:
-            if dp_size > 1:
-                raise ValueError(f"{loss_agg_mode} with dp_size > 1 needs the global_batch_size")
-            global_batch_size = nonempty.sum()
-        loss = masked_sum(row_sums, nonempty) / global_batch_size * dp_size
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-        return loss
-    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; expected one of {list(LOSS_AGG_MODES)}")
-
-
-def legacy_global_batch_info(loss_agg_mode: str, response_mask: torch.Tensor) -> dict[str, Any]:
-    """``agg_loss`` kwargs that reproduce the older verl of the official SPEAR code (spec 3.5).
-
-    That ``agg_loss`` took no batch info: ``token-mean`` = ``sum l m / (sum m + 1e-8)``;
-    ``seq-mean-token-sum`` = mean over all ``B`` rows; ``seq-mean-token-sum-norm`` = ``sum l m / T``
-    (not divided by the number of rows); ``seq-mean-token-mean`` = mean over all rows of
-    ``S_i / sum_k m_ik``. The returned kwargs give the same value for every mask, except that an
-    empty row in ``seq-mean-token-mean`` made the old value NaN and here counts as 0.
-    """
-    rows = response_mask.shape[0]
-    if loss_agg_mode == "token-mean":
-        return {"batch_num_tokens": response_mask.sum() + 1e-8}
-    if loss_agg_mode == "token-sum":
-        return {}
-    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        return {"global_batch_size": rows}
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return {"global_batch_size": 1}
-    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; expected one of {list(LOSS_AGG_MODES)}")
-
-
 def _aggregate(
     loss_mat: torch.Tensor,
     response_mask: torch.Tensor,

@@ -1,37 +1,32 @@
 """Token-level tensor primitives: masked reductions, log-probs and entropy from logits.
 
 Names, arguments and results follow ``verl.utils.torch_functional`` (verl 0.9.1) so that code written
-against verl reads the same here. ``logprobs_from_logits`` and ``entropy_from_logits`` dispatch CUDA
-tensors to the Triton kernels of ``spear_kernels`` (:mod:`~spear_engine.algorithms.kernel_dispatch`);
-this module holds the CPU path: fp32 (or wider) math over chunks of rows, with a hand-written backward that
-recomputes the softmax per chunk, so neither pass keeps a full-size fp32 copy of the logits alive.
+against verl reads the same here. The math is ``spear_kernels``' (which cannot import this package), so
+each exists once: :func:`masked_sum` is ``spear_kernels.utils.masked_sum`` (the one ``agg_loss`` uses),
+and :func:`logprobs_from_logits` / :func:`entropy_from_logits` are the kernels' log-prob / entropy,
+dispatched like the policy losses (:func:`~spear_engine.algorithms.kernel_dispatch.use_kernels`, one
+switch ``SPEAR_KERNELS_BACKEND``): a tensor the kernels run through Triton (CUDA) takes the fused
+``spear_kernels.logprob_entropy``; any other tensor (CPU), and float64 logits (the kernels' math is
+fp32), takes the kernels' torch reference ``spear_kernels.reference.logprob_entropy_ref``, which is
+verl's own formula (``log_softmax`` gathered, ``logsumexp(z) - sum softmax(z) z``) at fp32 or wider,
+with autograd's gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from spear_engine.algorithms.kernel_dispatch import kernel_logprob_entropy, use_kernels
+import spear_kernels
+from spear_engine.algorithms.kernel_dispatch import use_kernels
+from spear_kernels.reference import logprob_entropy_ref
+from spear_kernels.utils import masked_sum
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
-"""Logit elements per chunk when ``chunk_size`` is not given (64 MiB of fp32): bounds the
-temporary memory of both passes independently of the batch size."""
+__all__ = ["entropy_from_logits", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var"]
 
 
 # --------------------------------------------------------------------------------------------
 # masked reductions
 # --------------------------------------------------------------------------------------------
-def masked_sum(
-    values: torch.Tensor, mask: torch.Tensor, axis: int | tuple[int, ...] | None = None
-) -> torch.Tensor:
-    """Sum of ``values`` where ``mask`` is non-zero (bool or numeric mask, weights multiply).
-
-    Values outside the mask are replaced by 0 before multiplying, so NaN/inf padding cannot leak in.
-    """
-    kept = torch.where(mask.bool(), values, 0.0)
-    return (kept * mask).sum(dim=axis)
-
-
 def masked_mean(
     values: torch.Tensor, mask: torch.Tensor, axis: int | tuple[int, ...] | None = None
 ) -> torch.Tensor:
@@ -57,78 +52,23 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
 
 
 # --------------------------------------------------------------------------------------------
-# log-probs and entropy (chunked fp32 math, custom backward)
+# log-probs and entropy: spear_kernels.logprob_entropy (Triton) or its torch reference
 # --------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least fp32: half-precision logits are upcast per chunk, fp64 stays fp64."""
-    return torch.promote_types(dtype, torch.float32)
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _rows_per_chunk(vocab: int, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return chunk_size
-    return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
-
-
-class _LogProbsFn(torch.autograd.Function):
-    """log p(label) = z[label] - logsumexp(z) per row; backward: g * (onehot - softmax)."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, rows: int, out_dtype: torch.dtype):
-        cdt = _compute_dtype(logits.dtype)
-        out = torch.empty(logits.shape[0], dtype=cdt, device=logits.device)
-        for start in range(0, logits.shape[0], rows):
-            z = logits[start : start + rows].to(cdt)
-            lab = labels[start : start + rows].unsqueeze(-1)
-            out[start : start + rows] = z.gather(-1, lab).squeeze(-1) - torch.logsumexp(z, dim=-1)
-        ctx.save_for_backward(logits, labels)
-        ctx.rows = rows
-        return out.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        logits, labels = ctx.saved_tensors
-        cdt = _compute_dtype(logits.dtype)
-        grad = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.rows):
-            stop = start + ctx.rows
-            g = grad_out[start:stop].to(cdt).unsqueeze(-1)
-            d = torch.softmax(logits[start:stop].to(cdt), dim=-1).neg_()
-            d.scatter_add_(-1, labels[start:stop].unsqueeze(-1), torch.ones_like(g))
-            grad[start:stop] = (d * g).to(logits.dtype)
-        return grad, None, None, None
-
-
-class _EntropyFn(torch.autograd.Function):
-    """H = logsumexp(z) - sum softmax(z) * z per row; backward: dH/dz = -p * (z - E_p[z])."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, rows: int, out_dtype: torch.dtype):
-        cdt = _compute_dtype(logits.dtype)
-        out = torch.empty(logits.shape[0], dtype=cdt, device=logits.device)
-        for start in range(0, logits.shape[0], rows):
-            z = logits[start : start + rows].to(cdt)
-            p = torch.softmax(z, dim=-1)
-            out[start : start + rows] = torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
-        ctx.save_for_backward(logits)
-        ctx.rows = rows
-        return out.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        cdt = _compute_dtype(logits.dtype)
-        grad = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.rows):
-            stop = start + ctx.rows
-            z = logits[start:stop].to(cdt)
-            p = torch.softmax(z, dim=-1)
-            mean_z = (p * z).sum(dim=-1, keepdim=True)
-            g = grad_out[start:stop].to(cdt).unsqueeze(-1)
-            grad[start:stop] = (p * (mean_z - z) * g).to(logits.dtype)
-        return grad, None, None
+def _logprob_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label), entropy) of ``softmax(logits)``, both shaped ``logits.shape[:-1]``, differentiable."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}"
+        )
+    labels = labels.long()
+    if logits.dtype != torch.float64 and use_kernels(logits):
+        return spear_kernels.logprob_entropy(logits, labels)
+    return logprob_entropy_ref(logits, labels, compute_dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 def logprobs_from_logits(
@@ -142,28 +82,18 @@ def logprobs_from_logits(
     """Log-probability of ``labels`` under ``softmax(logits)``: shape ``logits.shape[:-1]``.
 
     Args:
-        logits: ``[..., V]`` unnormalised scores (any float dtype; math runs in >= fp32).
+        logits: ``[..., V]`` unnormalised scores (fp16 / bf16 / fp32: fp32 math; fp64: fp64 math).
         labels: integer ids, shape ``logits.shape[:-1]``.
         inplace_backward: accepted for verl signature compatibility (flash-attn path); unused.
-        chunk_size: rows per chunk (default: ``DEFAULT_CHUNK_ELEMENTS // V``).
+        chunk_size: accepted for compatibility (must be >= 1); unused (the Triton kernel streams the
+            vocabulary; the torch reference materialises ``[..., V]`` fp32, as verl does).
         out_dtype: result dtype; default ``logits.dtype`` as verl. Pass ``torch.float32`` to keep
             the fp32 precision of bf16 logits (verl computes bf16 log-softmax in bf16).
     """
     del inplace_backward
-    if use_kernels(logits):
-        logp, _ = kernel_logprob_entropy(logits, labels)
-        return logp.to(out_dtype or logits.dtype)
-    lead = logits.shape[:-1]
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    flat_labels = labels.reshape(-1).to(torch.long)
-    if flat_labels.shape[0] != flat.shape[0]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}"
-        )
-    rows = _rows_per_chunk(vocab, chunk_size)
-    out = _LogProbsFn.apply(flat, flat_labels, rows, out_dtype or logits.dtype)
-    return out.reshape(lead)
+    _check_chunk_size(chunk_size)
+    logp, _ = _logprob_entropy(logits, labels)
+    return logp.to(out_dtype or logits.dtype)
 
 
 def entropy_from_logits(
@@ -174,12 +104,7 @@ def entropy_from_logits(
     Differentiable (the entropy bonus trains through it). ``chunk_size``/``out_dtype`` as in
     :func:`logprobs_from_logits`.
     """
-    if use_kernels(logits):
-        _, entropy = kernel_logprob_entropy(logits, torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device))
-        return entropy.to(out_dtype or logits.dtype)
-    lead = logits.shape[:-1]
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    rows = _rows_per_chunk(vocab, chunk_size)
-    out = _EntropyFn.apply(flat, rows, out_dtype or logits.dtype)
-    return out.reshape(lead)
+    _check_chunk_size(chunk_size)
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    _, entropy = _logprob_entropy(logits, labels)
+    return entropy.to(out_dtype or logits.dtype)

@@ -50,7 +50,7 @@ from spear_engine.envs.alfworld_tasks import (
     normalize_task_types,
     problem_pddl,
 )
-from spear_engine.envs.base import Action, Observation, StepResult, check_split, register_env
+from spear_engine.envs.base import Action, ClosableEnv, Observation, StepResult, check_split, register_env
 
 WIN_REWARD = 10.0
 NOTHING_HAPPENS = "Nothing happens."
@@ -288,7 +288,7 @@ def normalize_command(text: str) -> str:
 
 
 @register_env("alfworld")
-class AlfWorldEnv:
+class AlfWorldEnv(ClosableEnv):
     """One ALFWorld episode at a time on generated games; see the module docstring for the contract."""
 
     name = "alfworld"
@@ -395,12 +395,5 @@ class AlfWorldEnv:
             admissible = [c for c in admissible if c != "help"]
         return Observation(text=text, task=self._task, admissible_actions=admissible)
 
-    def _check_open(self) -> None:
-        if self._engine is None:
-            raise RuntimeError("this alfworld env is closed")
-
-    def __enter__(self) -> AlfWorldEnv:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _is_closed(self) -> bool:
+        return self._engine is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 SPLITS = ("train", "eval")
 
@@ -64,6 +64,36 @@ class Env(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+_Closable = TypeVar("_Closable", bound="ClosableEnv")
+
+
+class ClosableEnv:
+    """The context-manager and closed-check boilerplate of an env that holds a resource.
+
+    ``with make_env(...) as env:`` closes the env on the way out. An env whose methods must refuse to
+    run once closed overrides :meth:`_is_closed` and calls :meth:`_check_open` first; the error names
+    the env by its ``name``.
+    """
+
+    name: str
+
+    def close(self) -> None:  # pragma: no cover - every env defines its own
+        raise NotImplementedError
+
+    def _is_closed(self) -> bool:
+        return False
+
+    def _check_open(self) -> None:
+        if self._is_closed():
+            raise RuntimeError(f"this {self.name} env is closed")
+
+    def __enter__(self: _Closable) -> _Closable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 EnvFactory = Callable[..., Env]

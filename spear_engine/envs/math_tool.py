@@ -20,18 +20,20 @@ Safety of scoring: several reasoning-gym verifiers ``eval`` the answer or run sy
 on it (countdown, puzzle24, n_queens, ...), which would run policy-written code in the trainer. The
 answer is scored in-process only when that is harmless: the verifier is the base class's string
 comparison or audited (gsm_symbolic), or the answer is plain arithmetic (digits, ``+-*/().,``,
-no ``**``). Otherwise the verifier runs in the sandbox (a fresh interpreter, about 1–3 s). math-verify
-runs in-process only on answers without ``^``, ``**``, ``!``, braces or LaTeX commands (bounded
-work); other answers go to the sandbox too.
+no ``**``). Otherwise the verifier runs in the sandbox (``math_score_child.py`` in a fresh
+interpreter, about 1–3 s). math-verify runs in-process only on answers without ``^``, ``**``, ``!``,
+braces or LaTeX commands (bounded work); other answers go to the sandbox too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from spear_engine.envs.base import Action, Observation, StepResult, check_split, register_env
@@ -209,7 +211,7 @@ class MathToolEnv:
 
     def _score_in_sandbox(self, answer: str, numeric_gold: bool) -> float:
         spec = json.dumps({**self._spec, "answer": answer, "numeric": numeric_gold})
-        result = run_python(_SCORE_SCRIPT.format(spec=spec), timeout_s=30.0, cpu_s=30, memory_mb=1024,
+        result = run_python(_score_code(spec), timeout_s=30.0, cpu_s=30, memory_mb=1024,
                             isolation_mode=self.sandbox_isolation)
         try:
             return _safe_float(json.loads(result.stdout.strip().splitlines()[-1])["score"])
@@ -218,27 +220,18 @@ class MathToolEnv:
             return 0.0
 
 
-_SCORE_SCRIPT = '''
-import json, logging
-import reasoning_gym
-logging.getLogger("math_verify").setLevel(logging.ERROR)
-spec = json.loads({spec!r})
-dataset = reasoning_gym.create_dataset(spec["name"], seed=spec["seed"], size=1, **spec["kwargs"])
-entry = dataset[0]
-try:
-    score = float(dataset.score_answer(answer=spec["answer"], entry=entry))
-except Exception:
-    score = 0.0
-if score < 1.0 and spec["numeric"]:
-    from math_verify import parse, verify
-    try:
-        if verify(parse(str(entry["answer"]), parsing_timeout=None), parse(spec["answer"], parsing_timeout=None),
-                  timeout_seconds=None):
-            score = 1.0
-    except Exception:
-        pass
-print(json.dumps({{"score": score}}))
-'''
+_SCORE_PROGRAM = Path(__file__).with_name("math_score_child.py")
+"""The scoring program run in the sandbox (its text, then ``main(<spec JSON>)``)."""
+
+
+@functools.cache
+def _score_source() -> str:
+    return _SCORE_PROGRAM.read_text(encoding="utf-8")
+
+
+def _score_code(spec: str) -> str:
+    """The sandbox code that scores one answer: the scoring program, then its call with ``spec``."""
+    return f"{_score_source()}\nmain({spec!r})\n"
 
 
 def _compile_problem(code: str) -> str | None:

@@ -29,7 +29,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from spear_engine.envs.base import Action, Observation, StepResult, check_split, register_env
+from spear_engine.envs.base import Action, ClosableEnv, Observation, StepResult, check_split, register_env
 
 WIN_REWARD = 10.0
 GAMES = ("twc", "cookingworld", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
@@ -93,7 +93,7 @@ def _start_simulator() -> Any:
 
 
 @register_env("twx")
-class TWXEnv:
+class TWXEnv(ClosableEnv):
     """One TextWorldExpress episode at a time; see the module docstring for the contract."""
 
     name = "twx"
@@ -230,12 +230,5 @@ class TWXEnv:
         actions = sorted(self._infos.get("validActions", []))
         return Observation(text=text.strip(), task=self._task, admissible_actions=actions)
 
-    def _check_open(self) -> None:
-        if self._sim is None:
-            raise RuntimeError("this twx env is closed")
-
-    def __enter__(self) -> TWXEnv:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _is_closed(self) -> bool:
+        return self._sim is None

@@ -28,7 +28,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from spear_engine.envs.base import Action, Observation, StepResult, check_split, register_env
+from spear_engine.envs.base import Action, ClosableEnv, Observation, StepResult, check_split, register_env
 from spear_engine.envs.webshop_catalogue import (
     Catalogue,
     Goal,
@@ -58,7 +58,7 @@ class _State:
 
 
 @register_env("webshop")
-class WebShopEnv:
+class WebShopEnv(ClosableEnv):
     """One shopper at a time over a catalogue built from ``catalogue_seed`` (shared, read-only)."""
 
     name = "webshop"

@@ -11,44 +11,39 @@ from __future__ import annotations
 
 import math
 import operator
-import struct
-import zlib
 from collections import deque
 
 import numpy as np
 
+from spear_engine.replay.format import (
+    BASELINE_EVICTIONS,
+    BASELINE_HEADER,
+    BASELINE_MAGIC,
+    CHECKSUM,
+    DATA_COLUMNS,
+    EVICTIONS,
+    FORMAT_VERSION,
+    INDEX_HEADER,
+    INDEX_MAGIC,
+    MAX_SEGMENT_TOKENS,
+    META_COLUMNS,
+    ROW_METADATA_BYTES,
+    TOKEN_BYTES,
+    ColumnReader,
+    as_byte_buffer,
+    check_checksum,
+    check_magic_version_size,
+    config_problem,
+    lengths_problem,
+    rows_problem,
+    with_checksum,
+)
 from spear_engine.replay.rng import MASK64, Xoshiro256StarStar
 
-_FORMAT_VERSION = 1
-_INDEX_MAGIC = b"SPEARRIX"
-_BASELINE_MAGIC = b"SPEARBLW"
-# magic, version, eviction, total bytes, capacity_rows, seed, segment_tokens, next_row_id,
-# rng state (4 words), n_rows, n_tokens
-_INDEX_HEADER = struct.Struct("<8sIIQqQqq4QQQ")
-# magic, version, eviction, total bytes, capacity, n_values, n_entries
-_BASELINE_HEADER = struct.Struct("<8sIIQQQQ")
-_CHECKSUM = struct.Struct("<I")
-
-_META_COLUMNS = (
-    ("row_id", np.int64),
-    ("step", np.int64),
-    ("group_id", np.int64),
-    ("traj_id", np.int64),
-    ("score", np.float64),
-    ("advantage", np.float64),
-    ("length", np.int32),
-)
-_DATA_COLUMNS = (("tokens", np.int32), ("logp", np.float32), ("mask", np.uint8))
-_ROW_METADATA_BYTES = 6 * 8 + 4
-_TOKEN_BYTES = 4 + 4 + 1
-
-_EVICTIONS = ("oldest", "lowest_score")
-_BASELINE_EVICTIONS = ("value", "step_entries")
 _WEIGHTINGS = ("uniform", "score")
 _MAX_SCORE_UNITS = 2.0**20  # (score - score_floor) is clamped to this
 _WEIGHT_SCALE = 2.0**20  # integer weight units per score unit
 _MAX_TOTAL_WEIGHT = 1 << 63
-_MAX_SEGMENT_TOKENS = 2**31 - 1
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -101,62 +96,6 @@ def _row_not_found(row_id: int) -> KeyError:
     return KeyError(f"row id {row_id} is not in the replay index (never inserted, evicted or removed)")
 
 
-# ---------------------------------------------------------------------------------------------
-# byte format helpers
-
-
-def _as_byte_buffer(data) -> memoryview:
-    view = memoryview(data)
-    if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
-        raise ValueError("from_bytes expects bytes (a contiguous byte buffer)")
-    return view
-
-
-def _check_magic_version_size(what: str, buf: memoryview, magic: bytes, header_bytes: int) -> None:
-    minimum = header_bytes + _CHECKSUM.size
-    if len(buf) < minimum:
-        raise ValueError(
-            f"{what} bytes are truncated: got {len(buf)} bytes, the header and checksum alone take {minimum}"
-        )
-    if bytes(buf[:8]) != magic:
-        raise ValueError(f"{what} bytes do not start with the magic {magic.decode()!r}")
-    (version,) = struct.unpack_from("<I", buf, 8)
-    if version != _FORMAT_VERSION:
-        raise ValueError(
-            f"{what} format version {version} is not supported (this build reads version {_FORMAT_VERSION})"
-        )
-    (declared,) = struct.unpack_from("<Q", buf, 16)
-    if declared != len(buf):
-        raise ValueError(
-            f"{what} bytes are truncated or padded: the header declares {declared} bytes, got {len(buf)}"
-        )
-
-
-def _check_checksum(what: str, buf: memoryview) -> None:
-    (stored,) = _CHECKSUM.unpack_from(buf, len(buf) - _CHECKSUM.size)
-    computed = zlib.crc32(buf[: len(buf) - _CHECKSUM.size])
-    if stored != computed:
-        raise ValueError(f"{what} bytes are corrupted: CRC32 mismatch (stored {stored}, computed {computed})")
-
-
-def _with_checksum(parts: list[bytes]) -> bytes:
-    body = b"".join(parts)
-    return body + _CHECKSUM.pack(zlib.crc32(body))
-
-
-class _Columns:
-    """Reads consecutive little-endian arrays out of a byte buffer (copies, so the input can go)."""
-
-    def __init__(self, buf: memoryview, offset: int) -> None:
-        self._buf = buf
-        self._offset = offset
-
-    def take(self, dtype, count: int) -> np.ndarray:
-        array = np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._offset).copy()
-        self._offset += array.nbytes
-        return array
-
-
 def _score_weights(scores: np.ndarray, score_floor: float) -> np.ndarray:
     units = np.minimum(np.maximum(scores - score_floor, 0.0), _MAX_SCORE_UNITS)
     return np.floor(units * _WEIGHT_SCALE).astype(np.uint64)
@@ -178,12 +117,12 @@ class NumpyReplayIndex:
     def __init__(
         self, capacity_rows: int = 0, eviction: str = "oldest", seed: int = 0, segment_tokens: int = 1 << 20
     ):
-        if eviction not in _EVICTIONS:
+        if eviction not in EVICTIONS:
             raise ValueError(f"eviction must be 'oldest' or 'lowest_score', got {eviction!r}")
         seed = _to_seed(seed)
         if capacity_rows < 0:
             raise ValueError(f"capacity_rows must be >= 0 (0 means unlimited), got {capacity_rows}")
-        if not 1 <= segment_tokens <= _MAX_SEGMENT_TOKENS:
+        if not 1 <= segment_tokens <= MAX_SEGMENT_TOKENS:
             raise ValueError(f"segment_tokens must be in [1, 2**31 - 1], got {segment_tokens}")
         self._capacity_rows = int(capacity_rows)
         self._eviction = eviction
@@ -192,8 +131,8 @@ class NumpyReplayIndex:
         self._next_row_id = 0
         self._rng = Xoshiro256StarStar(seed)
         self._set_rows(
-            {name: np.empty(0, dtype) for name, dtype in _META_COLUMNS},
-            {name: np.empty(0, dtype) for name, dtype in _DATA_COLUMNS},
+            {name: np.empty(0, dtype) for name, dtype in META_COLUMNS},
+            {name: np.empty(0, dtype) for name, dtype in DATA_COLUMNS},
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -254,7 +193,7 @@ class NumpyReplayIndex:
         return self._meta["row_id"].copy()
 
     def metadata(self) -> dict[str, np.ndarray]:
-        return {name: self._meta[name].copy() for name, _ in _META_COLUMNS}
+        return {name: self._meta[name].copy() for name, _ in META_COLUMNS}
 
     # -- insertion --------------------------------------------------------------------------
     def insert_batch(
@@ -314,8 +253,8 @@ class NumpyReplayIndex:
             "mask": mask[token_admitted],
         }
         n_old = len(self)
-        meta = {name: np.concatenate((self._meta[name], new_meta[name])) for name, _ in _META_COLUMNS}
-        data = {name: np.concatenate((self._data[name], new_data[name])) for name, _ in _DATA_COLUMNS}
+        meta = {name: np.concatenate((self._meta[name], new_meta[name])) for name, _ in META_COLUMNS}
+        data = {name: np.concatenate((self._data[name], new_data[name])) for name, _ in DATA_COLUMNS}
         self._set_rows(meta, data, self._survivors(meta["score"], n_old))
         return row_ids
 
@@ -400,8 +339,8 @@ class NumpyReplayIndex:
 
     def flush(self) -> None:
         self._set_rows(
-            {name: np.empty(0, dtype) for name, dtype in _META_COLUMNS},
-            {name: np.empty(0, dtype) for name, dtype in _DATA_COLUMNS},
+            {name: np.empty(0, dtype) for name, dtype in META_COLUMNS},
+            {name: np.empty(0, dtype) for name, dtype in DATA_COLUMNS},
         )
 
     def count_score_above(self, threshold: float) -> int:
@@ -460,11 +399,11 @@ class NumpyReplayIndex:
     # -- bytes ------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         n_rows, n_tokens = len(self), self.num_tokens
-        total = _INDEX_HEADER.size + n_rows * _ROW_METADATA_BYTES + n_tokens * _TOKEN_BYTES + _CHECKSUM.size
-        header = _INDEX_HEADER.pack(
-            _INDEX_MAGIC,
-            _FORMAT_VERSION,
-            _EVICTIONS.index(self._eviction),
+        total = INDEX_HEADER.size + n_rows * ROW_METADATA_BYTES + n_tokens * TOKEN_BYTES + CHECKSUM.size
+        header = INDEX_HEADER.pack(
+            INDEX_MAGIC,
+            FORMAT_VERSION,
+            EVICTIONS.index(self._eviction),
             total,
             self._capacity_rows,
             self._seed,
@@ -474,71 +413,37 @@ class NumpyReplayIndex:
             n_rows,
             n_tokens,
         )
-        columns = [self._meta[name].astype(dtype, copy=False).tobytes() for name, dtype in _META_COLUMNS]
-        data = [self._data[name].tobytes() for name, _ in _DATA_COLUMNS]
-        return _with_checksum([header, *columns, *data])
+        columns = [self._meta[name].astype(dtype, copy=False).tobytes() for name, dtype in META_COLUMNS]
+        data = [self._data[name].tobytes() for name, _ in DATA_COLUMNS]
+        return with_checksum([header, *columns, *data])
 
     @classmethod
     def from_bytes(cls, data) -> NumpyReplayIndex:
         what = "replay index"
-        buf = _as_byte_buffer(data)
-        _check_magic_version_size(what, buf, _INDEX_MAGIC, _INDEX_HEADER.size)
-        fields = _INDEX_HEADER.unpack_from(buf, 0)
+        buf = as_byte_buffer(data)
+        check_magic_version_size(what, buf, INDEX_MAGIC, INDEX_HEADER.size)
+        fields = INDEX_HEADER.unpack_from(buf, 0)
         eviction, capacity_rows, seed, segment_tokens, next_row_id = fields[2], *fields[4:8]
         rng_state, n_rows, n_tokens = fields[8:12], fields[12], fields[13]
-        body = len(buf) - _INDEX_HEADER.size - _CHECKSUM.size
-        if n_rows * _ROW_METADATA_BYTES + n_tokens * _TOKEN_BYTES != body:
+        body = len(buf) - INDEX_HEADER.size - CHECKSUM.size
+        if n_rows * ROW_METADATA_BYTES + n_tokens * TOKEN_BYTES != body:
             raise ValueError(f"{what} bytes are corrupted: the row and token counts do not match the size")
-        _check_checksum(what, buf)
+        check_checksum(what, buf)
 
-        reader = _Columns(buf, _INDEX_HEADER.size)
-        meta = {name: reader.take(dtype, n_rows) for name, dtype in _META_COLUMNS}
+        reader = ColumnReader(buf, INDEX_HEADER.size)
+        meta = {name: reader.take(dtype, n_rows) for name, dtype in META_COLUMNS}
         problem = (
-            _config_problem(eviction, capacity_rows, segment_tokens)
-            or _lengths_problem(meta["length"], n_tokens)
-            or _rows_problem(meta, capacity_rows, next_row_id, rng_state)
+            config_problem(eviction, capacity_rows, segment_tokens)
+            or lengths_problem(meta["length"], n_tokens)
+            or rows_problem(meta, capacity_rows, next_row_id, rng_state)
         )
         if problem:
             raise ValueError(f"{what} bytes are inconsistent: {problem}")
-        index = cls(capacity_rows, _EVICTIONS[eviction], seed, segment_tokens)
+        index = cls(capacity_rows, EVICTIONS[eviction], seed, segment_tokens)
         index._next_row_id = next_row_id
         index._rng = Xoshiro256StarStar.from_state(rng_state)
-        index._set_rows(meta, {name: reader.take(dtype, n_tokens) for name, dtype in _DATA_COLUMNS})
+        index._set_rows(meta, {name: reader.take(dtype, n_tokens) for name, dtype in DATA_COLUMNS})
         return index
-
-
-def _config_problem(eviction: int, capacity_rows: int, segment_tokens: int) -> str:
-    if eviction >= len(_EVICTIONS):
-        return f"unknown eviction code {eviction}"
-    if capacity_rows < 0:
-        return f"negative capacity_rows {capacity_rows}"
-    if not 1 <= segment_tokens <= _MAX_SEGMENT_TOKENS:
-        return f"segment_tokens {segment_tokens} is out of range"
-    return ""
-
-
-def _lengths_problem(lengths: np.ndarray, n_tokens: int) -> str:
-    if len(lengths) and lengths.min() < 0:
-        return f"negative row length {int(lengths.min())}"
-    total = int(lengths.astype(np.int64).sum())
-    if total != n_tokens:
-        return f"row lengths sum to {total} but the header says {n_tokens} tokens"
-    return ""
-
-
-def _rows_problem(meta: dict[str, np.ndarray], capacity_rows: int, next_row_id: int, rng_state) -> str:
-    ids = meta["row_id"]
-    if next_row_id < 0:
-        return f"negative next row id {next_row_id}"
-    if len(ids) and (ids[0] < 0 or ids[-1] >= next_row_id or (np.diff(ids) <= 0).any()):
-        return "row ids must increase strictly within [0, next row id)"
-    if np.isnan(meta["score"]).any():
-        return "a row has a NaN score"
-    if capacity_rows > 0 and len(ids) > capacity_rows:
-        return f"{len(ids)} rows exceed capacity_rows {capacity_rows}"
-    if not any(rng_state):
-        return "the RNG state is all zero"
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +456,7 @@ class NumpyBaselineWindow:
     def __init__(self, capacity: int = 0, eviction: str = "value"):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0 (0 means unlimited), got {capacity}")
-        if eviction not in _BASELINE_EVICTIONS:
+        if eviction not in BASELINE_EVICTIONS:
             raise ValueError(f"eviction must be 'value' or 'step_entries', got {eviction!r}")
         self._capacity = int(capacity)
         self._eviction = eviction
@@ -626,11 +531,11 @@ class NumpyBaselineWindow:
 
     def to_bytes(self) -> bytes:
         n_values, n_entries = len(self._values), len(self._entries)
-        total = _BASELINE_HEADER.size + 8 * n_values + 16 * n_entries + _CHECKSUM.size
-        header = _BASELINE_HEADER.pack(
-            _BASELINE_MAGIC,
-            _FORMAT_VERSION,
-            _BASELINE_EVICTIONS.index(self._eviction),
+        total = BASELINE_HEADER.size + 8 * n_values + 16 * n_entries + CHECKSUM.size
+        header = BASELINE_HEADER.pack(
+            BASELINE_MAGIC,
+            FORMAT_VERSION,
+            BASELINE_EVICTIONS.index(self._eviction),
             total,
             self._capacity,
             n_values,
@@ -638,29 +543,29 @@ class NumpyBaselineWindow:
         )
         steps = np.array([e[0] for e in self._entries], dtype=np.int64)
         counts = np.array([e[1] for e in self._entries], dtype=np.uint64)
-        return _with_checksum([header, self._values.tobytes(), steps.tobytes(), counts.tobytes()])
+        return with_checksum([header, self._values.tobytes(), steps.tobytes(), counts.tobytes()])
 
     @classmethod
     def from_bytes(cls, data) -> NumpyBaselineWindow:
         what = "baseline window"
-        buf = _as_byte_buffer(data)
-        _check_magic_version_size(what, buf, _BASELINE_MAGIC, _BASELINE_HEADER.size)
-        _, _, eviction, _, capacity, n_values, n_entries = _BASELINE_HEADER.unpack_from(buf, 0)
-        body = len(buf) - _BASELINE_HEADER.size - _CHECKSUM.size
+        buf = as_byte_buffer(data)
+        check_magic_version_size(what, buf, BASELINE_MAGIC, BASELINE_HEADER.size)
+        _, _, eviction, _, capacity, n_values, n_entries = BASELINE_HEADER.unpack_from(buf, 0)
+        body = len(buf) - BASELINE_HEADER.size - CHECKSUM.size
         if 8 * n_values + 16 * n_entries != body:
             raise ValueError(f"{what} bytes are corrupted: the value and entry counts do not match the size")
-        _check_checksum(what, buf)
-        reader = _Columns(buf, _BASELINE_HEADER.size)
+        check_checksum(what, buf)
+        reader = ColumnReader(buf, BASELINE_HEADER.size)
         values = reader.take(np.float64, n_values)
         steps = reader.take(np.int64, n_entries)
         counts = reader.take(np.uint64, n_entries)
-        if eviction >= len(_BASELINE_EVICTIONS):
+        if eviction >= len(BASELINE_EVICTIONS):
             raise ValueError(f"{what} bytes hold an unknown eviction code {eviction}")
         if sum(int(c) for c in counts) != n_values:
             raise ValueError(f"{what} bytes are inconsistent: entry counts do not sum to the values")
         if np.isnan(values).any() or (np.signbit(values) & (values == 0.0)).any():
             raise ValueError(f"{what} bytes hold a NaN or -0.0 value")
-        window = cls(capacity, _BASELINE_EVICTIONS[eviction])
+        window = cls(capacity, BASELINE_EVICTIONS[eviction])
         window._values = values
         window._entries = deque([int(s), int(c)] for s, c in zip(steps, counts))
         return window

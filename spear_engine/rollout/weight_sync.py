@@ -124,14 +124,27 @@ def iter_named_weights(
         yield from bucket
 
 
-def sync_weights(model: nn.Module, engine: object | None, bucket_mb: float = DEFAULT_BUCKET_MB) -> SyncStats:
-    """Push ``model``'s weights into ``engine`` (a :class:`~spear_engine.rollout.engine.RolloutEngine`).
+def sync_weights(
+    model: nn.Module,
+    engine: object | None,
+    bucket_mb: float = DEFAULT_BUCKET_MB,
+    *,
+    shares_weights: bool = False,
+) -> SyncStats:
+    """Push ``model``'s weights into ``engine`` (a :class:`~spear_engine.rollout.engine.RolloutEngine`):
+    the one weight-sync path, the trainer's and the benchmarks'.
 
     Call on every rank: each rank with an engine pushes into it (one engine per rank); a rank with
-    ``engine=None`` only takes part in the ZeRO-3 gathers. The engine receives the whole update as one
-    lazy stream (one ``load_weights`` call), so it can apply it in a single pass and finish before this
-    returns.
+    ``engine=None`` only takes part in the ZeRO-3 gathers. An engine with a ``wake_up`` (vLLM sleep mode)
+    gets its weights memory back first (``wake_up(["weights"])``; its KV cache returns once the reload is
+    done). The engine receives the whole update as one lazy stream (one ``load_weights`` call), so it can
+    apply it in a single pass and finish before this returns. ``shares_weights``: the engine runs on
+    ``model``'s own parameters (HF shared mode), so there is nothing to move and this is a no-op.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sync_weights(model, engine, ...): model must be a torch module, got {type(model).__name__}")
+    if shares_weights:
+        return SyncStats(0.0, 0, 0, 0)
     start = time.perf_counter()
     counted = {"bytes": 0, "tensors": 0, "buckets": 0}
 
@@ -148,6 +161,9 @@ def sync_weights(model: nn.Module, engine: object | None, bucket_mb: float = DEF
         for _ in stream:
             pass
     else:
+        wake_up = getattr(engine, "wake_up", None)
+        if wake_up is not None:
+            wake_up(["weights"])
         engine.load_weights(stream)  # type: ignore[attr-defined]
         for _ in stream:  # an engine that stopped early must not leave other ranks in a gather
             pass

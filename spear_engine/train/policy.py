@@ -194,8 +194,9 @@ class FusedHeadPolicy(torch.nn.Module):
 class TokenLoss:
     """The policy loss of a micro-batch for a fused forward: per-token tensors [N, L] aligned with the rows'
     responses, the loss mode and its constants (``kernel_loss_constants``). ``token_weights`` carry the
-    aggregation (verl's ``agg_loss`` with the batch info as per-token factors) times any IS weights, so
-    the kernel sums; ``entropy_weights`` the aggregation alone. ``old_log_probs=None``: exactly on-policy."""
+    aggregation (``spear_kernels.agg_scale``: verl's ``agg_loss`` with the batch info as per-token factors)
+    times any IS weights, so the kernel sums; ``entropy_weights`` the aggregation alone.
+    ``old_log_probs=None``: exactly on-policy."""
 
     old_log_probs: torch.Tensor | None
     advantages: torch.Tensor

@@ -11,7 +11,6 @@ process on the same data.
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -24,12 +23,13 @@ import numpy as np
 import torch
 
 from spear_engine.algorithms.losses import agg_loss
+from spear_engine.algorithms.rollout_correction import rollout_correction
 from spear_engine.algorithms.self_imitation import MASK_ATTENTION, ReplayBatch, SelfImitation
 from spear_engine.config import SpearConfig
 from spear_engine.config_loading import ConfigError, config_to_yaml
 from spear_engine.data import Episode, RolloutBatch
 from spear_engine.envs.base import make_env
-from spear_engine.metrics import MetricsLogger, build_logger
+from spear_engine.metrics import MetricsLogger, StageClock, build_logger, episode_metrics
 from spear_engine.pipeline import (
     compute_advantages,
     filter_groups,
@@ -41,7 +41,7 @@ from spear_engine.pipeline import (
 from spear_engine.rollout.agent_loop import AgentLoop, AgentLoopConfig
 from spear_engine.rollout.engine import SamplingParams, resolve_engine_name
 from spear_engine.rollout.resilient import ResilientEngine
-from spear_engine.rollout.weight_sync import iter_named_weights
+from spear_engine.rollout.weight_sync import iter_named_weights, sync_weights
 from spear_engine.train.backends import resolve_device
 from spear_engine.train.checkpoint import (
     CheckpointError,
@@ -218,111 +218,109 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t = self.global_step + 1
         cfg = self.config
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
+        clock = StageClock()
         metrics: dict[str, float] = {**schedule_metrics(cfg, t)}
         self.token_meter.reset()
 
-        episodes, rollout_timing = self._rollout(t)
-        metrics.update(rollout_timing)
-        if isinstance(self.engine, ResilientEngine):
-            metrics.update(self.engine.metrics())
-        metrics.update(self._episode_metrics(episodes))
-        timings["time/rollout"] = time.perf_counter() - start
+        with clock("rollout"):
+            episodes, rollout_timing = self._rollout(t)
+            metrics.update(rollout_timing)
+            if isinstance(self.engine, ResilientEngine):
+                metrics.update(self.engine.metrics())
+            metrics.update(episode_metrics(episodes, self._sum_over_ranks))
         if not self._any_turns(episodes):  # every env failed before its first turn: nothing to learn from
-            return self._skip_empty_step(t, {**metrics, **timings})
+            return self._skip_empty_step(t, {**metrics, **clock.timings})
 
-        mark = time.perf_counter()
-        batch = RolloutBatch.from_episodes(episodes, self.pad_token_id, layout=cfg.rollout.layout)
-        pad_rng = np.random.default_rng((cfg.trainer.seed % 2**32, t, self.rank))  # a resumed run pads alike
-        batch, m = pad_batch(cfg, batch, pad_rng, self.world_size)
-        metrics.update(m)
-        scored, m = score_and_filter(cfg, batch, t)
-        metrics.update(m)
-        scored, m = filter_groups(cfg, scored, cfg.trainer.seed * SEED_STRIDE + t)
-        metrics.update(m)
-        batch = scored.batch
-        sequences = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
-                                                       batch.attention_mask)  # fmt: skip
-        timings["time/rewards_filters"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        policy_mask = batch.policy_mask.float()
-        from_update = self._old_log_probs_from_update(len(batch))  # exactly on-policy: no separate pass
-        metrics["trainer/old_log_prob_from_update"] = float(from_update)
-        metrics["rollout/engine_vllm"] = float(self.engine_name == "vllm")
-        old_log_probs, is_weights = None, None
-        if not from_update:
-            old_log_probs, entropy = self._token_stats(self.policy, sequences)
-            is_weights, m = self._old_log_prob_metrics(batch, scored, old_log_probs, entropy)
+        with clock("rewards_filters"):
+            batch = RolloutBatch.from_episodes(episodes, self.pad_token_id, layout=cfg.rollout.layout)
+            pad_rng = np.random.default_rng((cfg.trainer.seed % 2**32, t, self.rank))  # a resumed run pads alike
+            batch, m = pad_batch(cfg, batch, pad_rng, self.world_size)
             metrics.update(m)
-        ref = self._token_stats(self.ref_policy, sequences)[0] if self.ref_policy is not None else None
-        timings["time/old_log_prob"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        advantages, m = compute_advantages(cfg, scored, old_log_probs, ref)
-        metrics.update(m)
-        replay_rows, replay_before = None, None
-        if self.sil is not None:
-            replay_before = self.sil.state_dict()  # the draw may evict, flush, and advance the index's RNG
-            replay, m = self.sil.draw(t, on_policy_rows=len(batch))
+            scored, m = score_and_filter(cfg, batch, t)
             metrics.update(m)
-            replay_rows = self._replay_rows(replay) if replay is not None else None
-        timings["time/advantages_replay"] = time.perf_counter() - mark
+            scored, m = filter_groups(cfg, scored, cfg.trainer.seed * SEED_STRIDE + t)
+            metrics.update(m)
+            batch = scored.batch
+            sequences = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
+                                                           batch.attention_mask)  # fmt: skip
 
-        mark = time.perf_counter()
-        loss_mask = scored.response_mask if cfg.actor.use_filtered_response_mask else policy_mask
-        on_policy = LossRows(sequences, old_log_probs, advantages.advantages, loss_mask, is_weights, ref,
-                             tokens=sequences.row_tokens).to(self.device)  # fmt: skip
-        if replay_rows is not None:
-            replay_rows = replay_rows.to(self.device)
-        rng_before = capture_rng_state()  # the loss may draw (Clip-Cov); a skipped step must not have drawn
-        with self._engine_asleep():
-            update = update_actor(
-                self._forward, self.backend, cfg.actor, on_policy, replay_rows,
-                replay_coef=metrics["schedule/replay_coef"], replay_update=cfg.replay.replay_update,
-                fused=cfg.actor.fused_loss,
-            )  # fmt: skip
-        metrics.update(update)
-        if from_update:  # the update's first forward of each row was the old policy
-            old_log_probs = on_policy.forward_log_probs
-            assert old_log_probs is not None and on_policy.forward_entropy is not None
-            metrics.update(
-                self._old_log_prob_metrics(batch, scored, old_log_probs, on_policy.forward_entropy)[1]
-            )
-        skipped = self._step_skipped(update)
-        if skipped:  # nothing was learned: the generators stay as before the update, as the weights do
-            restore_rng_state(rng_before)
-        timings["time/update"] = time.perf_counter() - mark
+        with clock("old_log_prob"):
+            policy_mask = batch.policy_mask.float()
+            from_update = self._old_log_probs_from_update(len(batch))  # exactly on-policy: no separate pass
+            metrics["trainer/old_log_prob_from_update"] = float(from_update)
+            metrics["rollout/engine_vllm"] = float(self.engine_name == "vllm")
+            old_log_probs, is_weights = None, None
+            if not from_update:
+                old_log_probs, entropy = self._token_stats(self.policy, sequences)
+                is_weights, m = self._old_log_prob_metrics(batch, scored, old_log_probs, entropy)
+                metrics.update(m)
+            ref = self._token_stats(self.ref_policy, sequences)[0] if self.ref_policy is not None else None
 
-        mark = time.perf_counter()
-        self._sync_weights()
-        timings["time/weight_sync"] = time.perf_counter() - mark
+        with clock("advantages_replay"):
+            advantages, m = compute_advantages(cfg, scored, old_log_probs, ref)
+            metrics.update(m)
+            replay_rows, replay_before = None, None
+            if self.sil is not None:
+                replay_before = self.sil.state_dict()  # the draw may evict, flush, and advance the index's RNG
+                replay, m = self.sil.draw(t, on_policy_rows=len(batch))
+                metrics.update(m)
+                replay_rows = self._replay_rows(replay).to(self.device) if replay is not None else None
 
-        mark = time.perf_counter()
-        if self.sil is not None and skipped:  # nothing was learned: the buffer stays as before the step
-            self.sil.load_state_dict(replay_before)
-            metrics.update({"replay/admitted_rows": 0.0, "replay/buffer_rows": float(len(self.sil))})
-        elif self.sil is not None:
-            rows = sil_batch(scored, advantages, old_log_probs)
-            metrics.update(self.sil.update(t, rows, self._gathered_baseline(rows)))
-        timings["time/replay_update"] = time.perf_counter() - mark
+        with clock("update"):
+            loss_mask = scored.response_mask if cfg.actor.use_filtered_response_mask else policy_mask
+            on_policy = LossRows(sequences, old_log_probs, advantages.advantages, loss_mask, is_weights, ref,
+                                 tokens=sequences.row_tokens).to(self.device)  # fmt: skip
+            rng_before = capture_rng_state()  # the loss may draw (Clip-Cov); a skipped step must not have drawn
+            with self._engine_asleep():
+                update = update_actor(
+                    self._forward, self.backend, cfg.actor, on_policy, replay_rows,
+                    replay_coef=metrics["schedule/replay_coef"], replay_update=cfg.replay.replay_update,
+                    fused=cfg.actor.fused_loss,
+                )  # fmt: skip
+            metrics.update(update)
+            if from_update:  # the update's first forward of each row was the old policy
+                old_log_probs = on_policy.forward_log_probs
+                assert old_log_probs is not None and on_policy.forward_entropy is not None
+                metrics.update(
+                    self._old_log_prob_metrics(batch, scored, old_log_probs, on_policy.forward_entropy)[1]
+                )
+            skipped = self._step_skipped(update)
+            if skipped:  # nothing was learned: the generators stay as before the update, as the weights do
+                restore_rng_state(rng_before)
 
-        timings["time/step"] = time.perf_counter() - start
+        with clock("weight_sync"):
+            self._sync_weights()
+
+        with clock("replay_update"):
+            if self.sil is not None and skipped:  # nothing was learned: the buffer stays as before the step
+                self.sil.load_state_dict(replay_before)
+                metrics.update({"replay/admitted_rows": 0.0, "replay/buffer_rows": float(len(self.sil))})
+            elif self.sil is not None:
+                rows = sil_batch(scored, advantages, old_log_probs)
+                metrics.update(self.sil.update(t, rows, self._gathered_baseline(rows)))
+
+        timings = clock.total()
         metrics.update(timings)
-        generated = metrics.get("rollout/generated_tokens", 0.0)
-        metrics["perf/generated_tokens_per_s"] = generated / max(timings["time/rollout"], 1e-9)
-        metrics["perf/trained_tokens_per_s"] = float(policy_mask.sum()) / max(timings["time/update"], 1e-9)
-        metrics.update(self.token_meter.metrics(self.flop_params, self.gemm_rate, timings["time/step"],
-                                                timings["time/update"], generated))  # fmt: skip
-        for key in list(timings):
-            if key != "time/step":
-                metrics[f"share/{key.removeprefix('time/')}"] = timings[key] / max(timings["time/step"], 1e-9)
+        metrics.update(self._throughput(metrics, timings, float(policy_mask.sum())))
         self.global_step = t
         self._track_skips(skipped)
         metrics["trainer/step_skipped"] = float(skipped)
         metrics["trainer/consecutive_skipped_steps"] = float(self.consecutive_skips)
         return metrics
+
+    def _throughput(self, metrics: dict[str, float], timings: dict[str, float], trained: float) -> dict[str, float]:
+        """Tokens per second, MFU and padding efficiency of the step, and each stage's share of its time."""
+        generated = metrics.get("rollout/generated_tokens", 0.0)
+        out = {
+            "perf/generated_tokens_per_s": generated / max(timings["time/rollout"], 1e-9),
+            "perf/trained_tokens_per_s": trained / max(timings["time/update"], 1e-9),
+            **self.token_meter.metrics(self.flop_params, self.gemm_rate, timings["time/step"],
+                                       timings["time/update"], generated),
+        }  # fmt: skip
+        for key, seconds in timings.items():
+            if key != "time/step":
+                out[f"share/{key.removeprefix('time/')}"] = seconds / max(timings["time/step"], 1e-9)
+        return out
 
     def _rollout(self, t: int) -> tuple[list[Episode], dict[str, float]]:
         """This rank's prompt groups of step t (seeds derived from the step, so a resumed run sees the same)."""
@@ -359,23 +357,12 @@ class Trainer:
             "trainer/consecutive_skipped_steps": float(self.consecutive_skips),
         }
 
-    def _episode_metrics(self, episodes: list[Episode]) -> dict[str, float]:
-        stats = np.array(
-            [[e.success, e.reward, e.length, e.tool_calls, 1.0] for e in episodes], dtype=np.float64
-        )
-        totals = torch.from_numpy(stats.sum(0)) if len(stats) else torch.zeros(5, dtype=torch.float64)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(totals)
-        count = max(float(totals[4]), 1.0)
-        lengths = [e.length for e in episodes] or [0]
-        return {
-            "episode/success_rate": float(totals[0]) / count,
-            "episode/reward/mean": float(totals[1]) / count,
-            "episode/length/mean": float(totals[2]) / count,
-            "episode/length/max": float(max(lengths)),
-            "episode/tool_calls/mean": float(totals[3]) / count,
-            "episode/count": count,
-        }
+    def _sum_over_ranks(self, totals: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return totals
+        summed = torch.from_numpy(totals.copy())
+        torch.distributed.all_reduce(summed)
+        return summed.numpy()
 
     def _old_log_probs_from_update(self, rows: int) -> bool:
         """Whether the update is exactly on-policy, so its own first forward gives the old log-probs: one
@@ -400,7 +387,9 @@ class Trainer:
             metrics["actor/entropy_loss"] = float(
                 agg_loss(entropy, scored.response_mask, self.config.actor.loss_agg_mode)
             )
-        is_weights, m = self._mismatch(batch.rollout_log_probs, old_log_probs, policy_mask)
+        ro = self.config.rollout
+        is_weights, m = rollout_correction(batch.rollout_log_probs, old_log_probs, policy_mask, ro.rollout_is,
+                                           ro.rollout_is_threshold)  # fmt: skip
         return is_weights, {**metrics, **m}
 
     def _autocast(self) -> Any:
@@ -439,33 +428,6 @@ class Trainer:
                 )
             parts.append((out[0].cpu(), out[1].cpu()))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    def _mismatch(
-        self, rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """Rollout-engine vs trainer log-probs: always logged; truncated IS weights when configured."""
-        ro = self.config.rollout
-        diff = (old_logp - rollout_logp) * mask
-        count = mask.sum().clamp_min(1)
-        log_ratio_max = (
-            float(torch.where(mask > 0, diff, torch.full_like(diff, -math.inf)).max()) if mask.any() else 0.0
-        )
-        metrics = {
-            "mismatch/kl": float(((rollout_logp - old_logp) * mask).sum() / count),
-            "mismatch/abs_log_ratio_mean": float(diff.abs().sum() / count),
-            "mismatch/max_ratio": math.exp(min(log_ratio_max, 50.0)),
-        }
-        if ro.rollout_is == "none":
-            return None, metrics
-        if ro.rollout_is == "token":
-            log_w = diff
-        elif ro.rollout_is == "sequence":  # verl: the product of the row's token ratios
-            log_w = diff.sum(-1, keepdim=True).expand_as(diff)
-        else:  # "geometric": their geometric mean
-            log_w = (diff.sum(-1) / mask.sum(-1).clamp_min(1))[:, None].expand_as(diff)
-        weights = torch.exp(log_w.clamp(max=math.log(ro.rollout_is_threshold))) * mask
-        metrics["mismatch/is_weight_mean"] = float(weights.sum() / count)
-        return weights.detach(), metrics
 
     def _forward(self, idx: np.ndarray, rows: LossRows, loss: TokenLoss | None = None) -> tuple[Any, ...]:
         """The training forward of rows ``idx`` (with ``loss``: the fused loss too, see ``FusedHeadPolicy``)."""
@@ -538,7 +500,9 @@ class Trainer:
             results += episodes_done
             for key in timing:
                 timing[key] += part.get(key, 0.0)
-        m = self._episode_metrics(results)
+        m = episode_metrics(results, self._sum_over_ranks)
+        train_slots = len(range(self.rank, self.config.data.train_batch_size, self.world_size)) * self.config.env.rollout.n
+        self.agent_loop.release_envs(train_slots)  # the training step needs no more envs than this
         faults = {
             f"val/{k.removeprefix('rollout/')}": timing[k]
             for k in ("rollout/env_errors", "rollout/env_timeouts")
@@ -668,14 +632,8 @@ class Trainer:
         An engine put to sleep for the update (``_engine_asleep``) gets its weights memory back first; its
         KV cache returns only once the sync is done (``VLLMEngine.load_weights``), so the gathered buckets
         never share the accelerator with it. Engines without sleep mode (HF; vLLM on CPU) skip that."""
-        if self.engine_shares_weights:
-            return
-        wake_up = getattr(self.engine, "wake_up", None)
-        if wake_up is not None:
-            wake_up(["weights"])
-        self.engine.load_weights(
-            iter_named_weights(self.backend.hf_model, self.config.rollout.weight_sync_bucket_mb)
-        )
+        sync_weights(self.backend.hf_model, self.engine, self.config.rollout.weight_sync_bucket_mb,
+                     shares_weights=self.engine_shares_weights)  # fmt: skip
 
     def _resume(self) -> None:
         mode = self.config.trainer.resume

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spear_engine.algorithms.kernel_dispatch import kernel_loss_metrics, verl_token_scale
+from spear_engine.algorithms.kernel_dispatch import kernel_loss_metrics
 from spear_engine.algorithms.losses import (
     actor_loss,
     agg_loss,
@@ -34,6 +34,7 @@ from spear_engine.algorithms.losses import (
     replay_loss_config,
 )
 from spear_engine.config import ActorConfig
+from spear_kernels import agg_scale
 
 Forward = Callable[[np.ndarray, "LossRows"], tuple[torch.Tensor, torch.Tensor]]
 """forward(row_indices, rows) -> (log_probs [b, W], entropy [b, W]) with gradients."""
@@ -140,7 +141,7 @@ def _fused_micro_loss(
 
     mode = config.policy_loss.loss_mode
     mask = rows.loss_mask[idx]
-    scale = verl_token_scale(mask, config.loss_agg_mode, **loss_config.global_batch_info)
+    scale = agg_scale(mask, config.loss_agg_mode, **loss_config.global_batch_info)
     weights = scale if rows.weights is None else scale * rows.weights[idx]
     old = None if rows.old_log_probs is None else rows.old_log_probs[idx]
     spec = TokenLoss(old, rows.advantages[idx], mask, weights, scale, mode, kernel_loss_constants(mode, loss_config),

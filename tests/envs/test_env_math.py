@@ -168,6 +168,14 @@ def test_code_in_an_answer_runs_only_in_the_sandbox(tmp_path):
     assert not marker.exists()
 
 
+def test_the_scoring_program_scores_in_the_sandbox_as_the_verifier_does():
+    env = MathToolEnv(tasks="countdown")  # math_score_child.py, run as the sandbox's code
+    env.reset(SEEDS[5])
+    gold = env.gold_actions()[-1].text
+    assert env._score_in_sandbox(gold, numeric_gold=False) == 1.0
+    assert env._score_in_sandbox("1 + 2", numeric_gold=False) < 1.0
+
+
 def test_other_reasoning_gym_tasks_and_options():
     env = MathToolEnv(tasks=["chain_sum"], **SLOW_OK, dataset_kwargs={"chain_sum": {"min_terms": 2, "max_terms": 2}})
     obs = env.reset(3)

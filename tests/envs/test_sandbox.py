@@ -47,7 +47,13 @@ def test_exception_comes_back_as_the_traceback_tail():
     assert obs.startswith("before")
     assert obs.rstrip().endswith("ZeroDivisionError: division by zero")
     assert 'File "<sandbox>", line 3' in obs
-    assert "<string>" not in result.stderr  # the prelude's own frames are hidden
+    assert "<string>" not in result.stderr and sandbox.CHILD_PROGRAM not in result.stderr  # the child's frames are hidden
+
+
+def test_the_child_is_a_file_run_by_path_in_isolated_mode():
+    assert os.path.isfile(sandbox.CHILD_PROGRAM)
+    result = run("import sys\nprint(sys.orig_argv[1:4])\nprint(sys.flags.isolated, sys.argv)")
+    assert result.stdout.splitlines() == [str(["-I", "-u", sandbox.CHILD_PROGRAM]), "1 ['<sandbox>']"]
 
 
 def test_syntax_error_and_empty_output_are_text():

@@ -2,9 +2,8 @@ import pytest
 import torch
 from conftest import BACKENDS, rel_err
 
-from spear_kernels import AGG_MODES, agg_scale, fused_linear_policy_loss, policy_loss
+from spear_kernels import AGG_MODES, agg_loss, agg_scale, fused_linear_policy_loss, policy_loss
 from spear_kernels.reference import (
-    agg_loss_ref,
     fused_linear_policy_loss_ref,
     linear_logprob_entropy_ref,
     policy_loss_ref,
@@ -92,9 +91,13 @@ def test_agg_scale_reproduces_agg_loss():
     _, _, _, mask, _ = _batch()
     x = torch.randn(B, L)
     for mode in AGG_MODES:
-        torch.testing.assert_close((agg_scale(mask, mode) * x).sum(), agg_loss_ref(x, mask, mode))
-    torch.testing.assert_close((agg_scale(mask, "token-mean", denominator=1000.0) * x).sum(),
+        for info in ({}, {"dp_size": 2, "batch_num_tokens": 90, "global_batch_size": 7, "loss_scale_factor": 50}):
+            torch.testing.assert_close((agg_scale(mask, mode, **info) * x).sum(), agg_loss(x, mask, mode, **info))
+    torch.testing.assert_close((agg_scale(mask, "token-mean", batch_num_tokens=1000.0) * x).sum(),
                                (x * mask).sum() / 1000.0)
+    with pytest.warns(DeprecationWarning):  # the old names of batch_num_tokens / loss_scale_factor
+        old_names = agg_scale(mask, "seq-mean-token-sum-norm", denominator=1000.0, norm_length=9.0)
+    torch.testing.assert_close(old_names, agg_scale(mask, "seq-mean-token-sum-norm", loss_scale_factor=9.0))
 
 
 def test_dual_clip_requires_c_above_one():

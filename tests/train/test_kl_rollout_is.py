@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import spear_engine.train.trainer as trainer_module
+from spear_engine.algorithms.rollout_correction import rollout_correction
 from spear_engine.config import ActorConfig, PolicyLossConfig
 from spear_engine.config_loading import load_config
 from spear_engine.envs.base import Action, Observation, StepResult, register_env
@@ -177,9 +177,8 @@ def test_kl_against_an_identical_reference_is_zero_with_no_gradient() -> None:
 # rollout importance weights
 # ------------------------------------------------------------------------------------------------
 def mismatch(level: str, cap: float, rollout: torch.Tensor, old: torch.Tensor, mask: torch.Tensor):
-    """Trainer._mismatch on its own (it reads only ``config.rollout``)."""
-    owner = SimpleNamespace(config=SimpleNamespace(rollout=SimpleNamespace(rollout_is=level, rollout_is_threshold=cap)))
-    return Trainer._mismatch(owner, rollout, old, mask)  # type: ignore[arg-type]
+    """The trainer's rollout correction (``algorithms.rollout_correction``) on its own."""
+    return rollout_correction(rollout, old, mask, level, cap)
 
 
 def is_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -397,13 +396,13 @@ class ScriptedEngine:
 def test_trainer_is_weights_from_the_engine_log_probs(level: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = spy_update(monkeypatch)
     mismatches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    real_mismatch = Trainer._mismatch
+    import spear_engine.train.trainer as trainer_module
 
-    def spy_mismatch(self, rollout_logp, old_logp, mask):
+    def spy_mismatch(rollout_logp, old_logp, mask, mode, threshold):
         mismatches.append((rollout_logp.clone(), old_logp.clone(), mask.clone()))
-        return real_mismatch(self, rollout_logp, old_logp, mask)
+        return rollout_correction(rollout_logp, old_logp, mask, mode, threshold)
 
-    monkeypatch.setattr(Trainer, "_mismatch", spy_mismatch)
+    monkeypatch.setattr(trainer_module, "rollout_correction", spy_mismatch)
     trainer = tiny_trainer(tmp_path, f"rollout.rollout_is={level}", "rollout.rollout_is_threshold=2.0",
                            "data.max_response_length=32")  # fmt: skip
     engine = ScriptedEngine(trainer.tokenizer)

@@ -185,14 +185,16 @@ def test_success_rates_are_the_known_outcomes_of_a_scripted_game(tmp_path: Path)
 
 
 def test_eval_seeds_start_at_the_offset(tmp_path: Path) -> None:
-    config = tiny_config("grpo", tmp_path, 1, "env.name=parity", "env.max_steps=1", "trainer.val_episodes=3",
-                         "trainer.val_seed_offset=7", "data.val_batch_size=2")  # fmt: skip
+    config = tiny_config("grpo", tmp_path, 1, "env.name=parity", "env.max_steps=1", "trainer.val_episodes=9",
+                         "trainer.val_seed_offset=7", "data.val_batch_size=8")  # fmt: skip
     trainer = Trainer(config, console=False)
     ParityEnv.resets.clear()
     result = trainer.evaluate()
+    # 8 eval episodes ran at once; the pool keeps only the 2 groups x 3 envs a training step uses
+    assert len(trainer.agent_loop._envs) == 6
     trainer.close()
-    assert sorted(s for split, s in ParityEnv.resets if split == "eval") == [7, 8, 9]
-    assert result["val/success_rate"] == pytest.approx(1 / 3)  # only seed 8 is even
+    assert sorted(s for split, s in ParityEnv.resets if split == "eval") == list(range(7, 16))
+    assert result["val/success_rate"] == pytest.approx(4 / 9)  # seeds 8, 10, 12, 14 are even
 
 
 def _comparable(record: dict) -> dict:
