@@ -65,7 +65,9 @@ NOT_RUN = {
     "spear experiment twc-cpu --seeds 3,4,5 --out results/twc-cpu-test trainer.val_seed_offset=500 "
     "env.kwargs.eval_fold=test": "hours on 2 cores; its overrides are loaded by test_experiment_overrides_in_readme_load",
     "torchrun --nproc_per_node=2 -m spear_engine.cli train --preset paper-alfworld-spear": "two GPUs; the 2-rank "
-    "launch is run with the README's other torchrun command, and this preset by the one-GPU line below it",
+    "launch is run with the README's other torchrun command; the paper presets load in tests/test_paper_presets.py "
+    "and train shrunk (torch backend) in tests/train/test_trajectory_layout.py",
+    "spear train --preset paper-alfworld-spear": "a GPU job (Qwen2.5-1.5B, ZeRO-3 in bf16); see the line above",
     "spear eval": "a mention of the subcommand in prose (alone it lacks the required --run-dir); the README's full "
     "`spear eval --run-dir runs/<run> --episodes 32 --greedy` is run",
 }  # fmt: skip

@@ -140,6 +140,10 @@ def init_distributed_from_env(backend: str | None = None) -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    else:  # a group made by someone else (a notebook, an earlier run in this process): DeepSpeed still reads these
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
     return dist.get_rank(), dist.get_world_size()
 
 

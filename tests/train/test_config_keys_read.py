@@ -39,6 +39,7 @@ NEVER_READ = {
 OPTION_RUN = [
     # one more run for the keys that only an option no preset turns on reads:
     "algorithm.use_kl_in_reward=true",  # algorithm.kl_coef, algorithm.kl_penalty
+    "trainer.test_freq=1",  # trainer.val_before_train, trainer.val_greedy (the preset runs evaluate via `spear eval`)
     "actor.use_kl_loss=true",  # actor.kl_loss_type
     "actor.policy_loss.loss_mode=kl_cov",  # actor.policy_loss.kl_cov_ratio, ppo_kl_coef
     "rollout.rollout_is=token",  # rollout.rollout_is_threshold
