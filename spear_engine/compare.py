@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spear_engine.metrics import read_metrics
+from spear_engine.plot import finish_panel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -487,13 +488,7 @@ def compare_figure(runs: Runs, title: str = "experiment") -> Figure:
                 ax.fill_between(steps, lo, hi, where=[c >= 2 for c in counts], color=color, alpha=0.2,
                                 linewidth=0)  # fmt: skip
             drawn = True
-        ax.set_title(panel)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        finish_panel(ax, panel, drawn)
     for ax in list(axes.flat)[len(PANELS) :]:
         ax.axis("off")
     fig.suptitle(f"{title}: mean over seeds, shaded 95% t-interval")

@@ -40,6 +40,17 @@ def training_steps(records: list[dict[str, Any]]) -> int:
     return len({int(r["step"]) for r in records if int(r.get("step", 0)) >= 1})
 
 
+def finish_panel(ax: Any, title: str, drawn: bool) -> None:
+    """Title, step axis and grid of one panel; its legend, or "not logged" when nothing was drawn."""
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
 def curves_figure(records: list[dict[str, Any]], name: str) -> Figure:
     """The panels of :data:`PANELS` over the metrics records, titled ``<name>: <n> steps``."""
     from matplotlib.figure import Figure
@@ -56,13 +67,7 @@ def curves_figure(records: list[dict[str, Any]], name: str) -> Figure:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=label)
                 drawn = True
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        finish_panel(ax, title, drawn)
     for ax in list(axes.flat)[len(PANELS) :]:
         ax.axis("off")
     steps = training_steps(records)
