@@ -26,6 +26,7 @@ setup(
         "spear_engine.envs.sandbox",
         "spear_engine.train",
         "spear_kernels",
+        "spear_kernels.integrations",
     ],
     package_dir={"spear_kernels": "kernels"},
     package_data={"spear_engine": ["presets/*.yaml", "experiments/*.yaml", "data/*.json.gz"]},

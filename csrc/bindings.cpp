@@ -9,6 +9,7 @@
 #include <pybind11/typing.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -368,6 +369,15 @@ PYBIND11_MODULE(_replay_index, m) {
       .def_property_readonly("next_row_id",
                              [](const spear::ReplayIndex& i) { return without_gil([&] { return i.next_row_id(); }); },
                              "The id the next admitted row will get.")
+      .def_property(
+          "rng_state",
+          [](const spear::ReplayIndex& i) {
+            const auto state = i.rng_state();
+            return py::make_tuple(state[0], state[1], state[2], state[3]);
+          },
+          [](spear::ReplayIndex& i, const std::array<uint64_t, 4>& state) { i.set_rng_state(state); },
+          "The draw generator's four xoshiro256** words; assign a saved value to undo draws made since\n"
+          "(ValueError for the all-zero state).")
       .def("row_ids", [](const spear::ReplayIndex& i) { return to_numpy(without_gil([&] { return i.row_ids(); })); },
            "Live row ids, ascending (insertion order).")
       .def("metadata", &metadata_dict,

@@ -744,6 +744,16 @@ int64_t ReplayIndex::next_row_id() const {
   return next_row_id_;
 }
 
+Xoshiro256StarStar::State ReplayIndex::rng_state() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return rng_.state();
+}
+
+void ReplayIndex::set_rng_state(const Xoshiro256StarStar::State& state) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  rng_.set_state(state);
+}
+
 // Binary search over the sorted row ids, galloping forward from `hint` when ids[hint] <= row_id:
 // ids that arrive in ascending order (candidates, gathers) resolve in O(log gap) each.
 size_t ReplayIndex::position_of(int64_t row_id, size_t hint) const {

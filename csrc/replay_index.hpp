@@ -226,6 +226,9 @@ class ReplayIndex {
   uint64_t seed() const { return seed_; }
   int64_t segment_tokens() const { return segment_tokens_; }
   int64_t next_row_id() const;
+  // The draw generator's state, so a caller can draw tentatively and keep or undo the draw in O(1).
+  Xoshiro256StarStar::State rng_state() const;
+  void set_rng_state(const Xoshiro256StarStar::State& state);  // throws std::invalid_argument if all zero
 
   std::vector<int64_t> row_ids() const;
   RowMetadata metadata() const;

@@ -3,7 +3,7 @@
 Why: at N = 16k tokens and V = 150k the logits alone are 5 GB in bf16, plus 10 GB of fp32 temporaries
 in an unfused pipeline. Here logits exist one token chunk (CPU) or one register tile (Triton) at a time.
 
-Two contracts (see shared/reference/kernel_anchors.md §1, §9):
+Two contracts (one GEMM over the vocabulary costs 2·N·H·V FLOPs):
 
 * ``linear_logprob_entropy`` — generic op, any upstream gradients for logp and entropy. The forward
   keeps only (lse, entropy) per token; the backward recomputes the logits (8·N·H·V in all).

@@ -7,7 +7,7 @@ available in the same pass that computes the loss. ``policy_loss`` computes both
 the logits are still live (backward inside the forward, 6·N·H·V). Clip-Cov / KL-Cov need micro-batch
 statistics of logp first, so they take one extra forward-only stats pass (8·N·H·V).
 
-Semantics are verl 0.9's (shared/reference/spear_official_semantics.md §3):
+Semantics are verl 0.9's (docs/algorithm.md, 'Policy loss'):
   vanilla  δ = clamp(logp − old, ±20), r = e^δ, l = max(−A·r, −A·clip(r, 1−ε_l, 1+ε_h)),
            dual-clip l = min(l, −A·c) where A < 0;
   clip_cov no δ clamp, no dual-clip, l = max(l1, l2)·corr with corr = 0 on the clip_cov_mask tokens;
@@ -81,6 +81,7 @@ if HAS_TRITON:
             flag = tl.where(l2 > l1, 1, 0).to(tl.int8)
             kl = -d_raw
             if MODE == 0:
+                kl = -d  # verl's vanilla ppo_kl uses the clamped log-ratio
                 l3 = -a * clip_c
                 dual = a < 0
                 loss = tl.where(dual, tl.minimum(lc, l3), lc)
@@ -121,7 +122,7 @@ def _token_terms_torch(lp, old, a, sel, w, s, mode, lo, hi, clip_c, kl_coef):
         l1, l2 = -a * r, -a * rc
         lc = torch.maximum(l1, l2)
         dlc = torch.where(l1 > l2, -a * dr, torch.where(l1 < l2, -a * drc, -0.5 * a * (dr + drc)))
-        kl = -d_raw
+        kl = -d_raw.clamp(-20.0, 20.0) if mode == "vanilla" else -d_raw  # verl: vanilla's ppo_kl is clamped
         if mode == "vanilla":
             l3 = -a * clip_c
             dual = a < 0

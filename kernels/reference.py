@@ -2,7 +2,7 @@
 
 They materialise everything in float32 and let autograd do the backward, so they are slow and
 memory-hungry on purpose: they are the definition the kernels are tested against. The formulas
-follow verl 0.9 ``core_algos`` (see shared/reference/spear_official_semantics.md §3), written as
+follow verl 0.9 ``core_algos`` (docs/algorithm.md, 'Policy loss'), written as
 literally as possible (``torch.clamp``/``maximum``/``where`` so that autograd's tie rules apply).
 The loss aggregation is not written a second time here: it is the package's one definition of verl
 0.9's ``agg_loss`` (``spear_kernels.agg_scale`` / ``agg_loss``), tested against verl and by hand.

@@ -1,6 +1,6 @@
 """Dispatch, shape checks, Triton launch helpers and the loss aggregation shared by every op of ``spear_kernels``.
 
-Dispatch rule (see DESIGN.md): CUDA tensors run the Triton kernels, CPU tensors run a chunked torch
+Dispatch rule: CUDA tensors run the Triton kernels, CPU tensors run a chunked torch
 path with bounded memory. ``SPEAR_KERNELS_BACKEND=triton`` (or ``backend="triton"`` on an entry point)
 forces the Triton kernels on CPU tensors too; that only works under ``TRITON_INTERPRET=1`` set before
 this package is imported, which is how the tests exercise the kernels without a GPU.
@@ -275,7 +275,7 @@ def agg_scale(
 
 def legacy_global_batch_info(loss_agg_mode: str, response_mask: torch.Tensor) -> dict[str, Any]:
     """:func:`agg_loss` / :func:`agg_scale` kwargs that reproduce the older verl of the official SPEAR code
-    (spec 3.5), whose ``agg_loss`` took no batch info and normalised each micro-batch on its own:
+    (its vendored copy), whose ``agg_loss`` took no batch info and normalised each micro-batch on its own:
 
     ``token-mean`` = ``Σ l m / (Σ m + 1e-8)``; ``seq-mean-token-sum`` = mean over all ``B`` rows, empty
     ones included; ``seq-mean-token-sum-norm`` = ``Σ l m / T`` (*not* divided by the number of rows);

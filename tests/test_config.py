@@ -31,7 +31,8 @@ def test_every_preset_loads_and_round_trips(name: str) -> None:
 
 
 def test_spear_official_matches_the_official_alfworld_script() -> None:
-    """Values of spec 7.1 (the official run_alfworld_spear.sh plus the yaml defaults it keeps)."""
+    """The official run_alfworld_spear.sh plus the yaml defaults it keeps (docs/algorithm.md, 'Official run
+    settings')."""
     c = load_config("spear-official")
     assert (c.actor.clip_ratio_low, c.actor.clip_ratio_high, c.actor.clip_ratio_c) == (0.2, 0.28, 10.0)
     assert c.actor.loss_agg_mode == "seq-mean-token-sum-norm" and c.actor.legacy_agg_loss

@@ -29,7 +29,7 @@ def test_recording_round_trips_into_a_step_batch(episodes) -> None:
     first = episodes[0].turns[0]
     n = len(first.response_ids)
     assert batch.responses[0, :n].tolist() == first.response_ids
-    assert batch.attention_mask[0].sum().item() == n
+    assert batch.response_attention_mask[0].sum().item() == n
     p = len(first.prompt_ids)
     assert batch.prompts[0, -p:].tolist() == first.prompt_ids and batch.prompt_mask[0, :-p].sum() == 0
 
@@ -38,9 +38,9 @@ def test_filters_apply_only_where_configured(episodes) -> None:
     batch = RolloutBatch.from_episodes(episodes)
     official_drbot = load_config("drbot", ["algorithm.filters_without_replay=false"])
     scored, metrics = score_and_filter(official_drbot, batch, step=1)
-    assert metrics == {} and torch.equal(scored.response_mask, batch.attention_mask.float())
+    assert metrics == {} and torch.equal(scored.response_mask, batch.response_attention_mask.float())
     scored, metrics = score_and_filter(load_config("drbot"), batch, step=1)
-    flagged = (scored.response_mask.sum(-1) == 0) & (batch.attention_mask.sum(-1) > 0)
+    flagged = (scored.response_mask.sum(-1) == 0) & (batch.response_attention_mask.sum(-1) > 0)
     assert flagged.sum() > 0 and metrics["incomplete_responses"] > 0
     texts = [batch.response_texts[i] for i in np.flatnonzero(flagged.numpy())]
     assert all("<action>" not in t or "\ufffd" in t or len(t) > 400 for t in texts)

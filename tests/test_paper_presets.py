@@ -127,7 +127,7 @@ def test_paper_preset_keeps_the_algorithm_of_its_base_preset(name: str) -> None:
     """The algorithm is the engine's preset's; the only algorithm keys set here are the ones the official script
     of that environment pins: the GRPO baseline scripts pass clip_ratio_c=10.0 and kl_loss_coef=0.0 (``grpo``
     keeps verl's 3.0 / 0.001), and the WebShop SPEAR script means a SIL warm-up of 200 steps (ALFWorld: 100, as
-    ``spear``); spear_official_semantics.md 1.4, spear_paper_vs_code.md 14.7."""
+    ``spear``); docs/algorithm.md, 'Schedules'."""
     env, algo = name.split("-")[1:]
     expected = {
         ("alfworld", "spear"): set(),
@@ -143,8 +143,8 @@ def test_paper_preset_keeps_the_algorithm_of_its_base_preset(name: str) -> None:
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_alfworld_and_webshop_differ_in_the_official_sizes_only(algo: str) -> None:
-    """spear_official_semantics.md 7.1: the two columns differ in max_steps, prompt length, mini/micro-batch and
-    training steps (and, for SPEAR, the intended SIL warm-up T)."""
+    """docs/algorithm.md, 'Official run settings': the two columns differ in max_steps, prompt length,
+    mini/micro-batch and training steps (and, for SPEAR, the intended SIL warm-up T)."""
     diff = differing_keys(load_config(f"paper-alfworld-{algo}"), load_config(f"paper-webshop-{algo}"))
     expected = {
         "preset", "description", "env.name", "env.max_steps", "data.max_prompt_length",
@@ -155,36 +155,31 @@ def test_alfworld_and_webshop_differ_in_the_official_sizes_only(algo: str) -> No
     assert diff == expected
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_alfworld_sizes_are_the_official_scripts(algo: str) -> None:
-    """spear_official_semantics.md section 7.1 (run_alfworld{,_drbot,_spear}.sh, verl-agent ppo_trainer.yaml
-    where a script keeps the default): Qwen2.5-1.5B-Instruct, 32 groups x 8, 50 turns, history 2,
-    2048 / 512 tokens, mini-batch 1024 (512 per GPU), micro 8, lr 1e-6, 200 steps, test_freq 5,
-    save_freq 10, 128 validation envs at temperature 0.4, vLLM at 0.6 of the GPU, 1 node x 2 GPUs."""
-    c = load_config(f"paper-alfworld-{algo}")
-    assert c.model.path == "Qwen/Qwen2.5-1.5B-Instruct"
-    assert (c.env.name, c.env.rollout.n, c.env.max_steps, c.env.history_length) == ("alfworld", 8, 50, 2)
-    assert (c.data.train_batch_size, c.data.max_prompt_length, c.data.max_response_length) == (32, 2048, 512)
-    assert (c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size_per_gpu) == (1024, 8)
-    assert c.actor.ppo_mini_batch_size // c.trainer.n_gpus_per_node == 512
-    assert (c.actor.lr, c.actor.ppo_epochs, c.actor.grad_clip, c.actor.entropy_coeff) == (1e-6, 1, 1.0, 0.001)
-    assert (c.trainer.total_training_steps, c.trainer.test_freq, c.trainer.save_freq) == (200, 5, 10)
-    assert (c.trainer.val_episodes, c.data.val_batch_size, c.rollout.val_temperature) == (128, 128, 0.4)
-    assert (c.trainer.n_gpus_per_node, c.trainer.nnodes) == (2, 1)
+# docs/algorithm.md, 'Official run settings': what the two columns set differently. env -> (max_steps,
+# max_prompt_length, mini-batch, mini-batch per GPU, micro-batch per GPU, training steps).
+OFFICIAL_SIZES = {
+    "alfworld": (50, 2048, 1024, 512, 8, 200),  # run_alfworld{,_drbot,_spear}.sh
+    "webshop": (15, 4096, 256, 128, 4, 350),  # run_webshop{,_drbot,_spear}.sh
+}
 
 
+@pytest.mark.parametrize("env", ENVS)
 @pytest.mark.parametrize("algo", ALGOS)
-def test_webshop_sizes_are_the_official_scripts(algo: str) -> None:
-    """spear_official_semantics.md section 7.1, WebShop column (run_webshop{,_drbot,_spear}.sh): 15 turns,
-    4096 / 512 tokens, mini-batch 256 (128 per GPU), micro 4, 350 steps; the rest "same" as ALFWorld."""
-    c = load_config(f"paper-webshop-{algo}")
+def test_sizes_are_the_official_scripts(env: str, algo: str) -> None:
+    """docs/algorithm.md, 'Official run settings' (the run scripts, verl-agent ppo_trainer.yaml where a
+    script keeps the default): Qwen2.5-1.5B-Instruct, 32 groups x 8, history 2, 512 response tokens, lr
+    1e-6, test_freq 5, save_freq 10, 128 validation envs at temperature 0.4, vLLM at 0.6 of the GPU,
+    1 node x 2 GPUs; ALFWorld: 50 turns, 2048 prompt tokens, mini-batch 1024 (512 per GPU), micro 8,
+    200 steps; WebShop: 15 turns, 4096 prompt tokens, mini-batch 256 (128 per GPU), micro 4, 350 steps."""
+    max_steps, prompt, mini, mini_per_gpu, micro, steps = OFFICIAL_SIZES[env]
+    c = load_config(f"paper-{env}-{algo}")
     assert c.model.path == "Qwen/Qwen2.5-1.5B-Instruct"
-    assert (c.env.name, c.env.rollout.n, c.env.max_steps, c.env.history_length) == ("webshop", 8, 15, 2)
-    assert (c.data.train_batch_size, c.data.max_prompt_length, c.data.max_response_length) == (32, 4096, 512)
-    assert (c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size_per_gpu) == (256, 4)
-    assert c.actor.ppo_mini_batch_size // c.trainer.n_gpus_per_node == 128
+    assert (c.env.name, c.env.rollout.n, c.env.max_steps, c.env.history_length) == (env, 8, max_steps, 2)
+    assert (c.data.train_batch_size, c.data.max_prompt_length, c.data.max_response_length) == (32, prompt, 512)
+    assert (c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size_per_gpu) == (mini, micro)
+    assert c.actor.ppo_mini_batch_size // c.trainer.n_gpus_per_node == mini_per_gpu
     assert (c.actor.lr, c.actor.ppo_epochs, c.actor.grad_clip, c.actor.entropy_coeff) == (1e-6, 1, 1.0, 0.001)
-    assert (c.trainer.total_training_steps, c.trainer.test_freq, c.trainer.save_freq) == (350, 5, 10)
+    assert (c.trainer.total_training_steps, c.trainer.test_freq, c.trainer.save_freq) == (steps, 5, 10)
     assert (c.trainer.val_episodes, c.data.val_batch_size, c.rollout.val_temperature) == (128, 128, 0.4)
     assert (c.trainer.n_gpus_per_node, c.trainer.nnodes) == (2, 1)
 
@@ -204,7 +199,7 @@ def test_gpu_deployment_settings(name: str) -> None:
 
 @pytest.mark.parametrize("env", ENVS)
 def test_algorithm_spot_checks(env: str) -> None:
-    """spear_official_semantics.md 7.1 and spear_paper_vs_code.md 8 / 14: SPEAR has replay, clip-cov with the
+    """docs/algorithm.md, 'Official run settings' and 'Dr.BoT filters': SPEAR has replay, clip-cov with the
     replay constants 0.02 / 2 / 60, the cosine tool bonus over 200 steps; GRPO is eps 0.2/0.2 with std-normalised
     advantages, token-mean, no filters, no replay, no bonus; Dr.BoT is clip-higher 0.28, no std, sum-norm, the
     filters and the 75 % group filter, no replay."""

@@ -1,4 +1,4 @@
-"""The SPEAR replay policy (spec sections 1-2) on hand-computed cases, on both index implementations."""
+"""The SPEAR replay policy (docs/algorithm.md) on hand-computed cases, on both index implementations."""
 
 from __future__ import annotations
 
@@ -310,3 +310,66 @@ def test_row_has_flag_handles_empty_rows() -> None:
     )  # fmt: skip
     assert batch.row_has_flag(MASK_RESPONSE).tolist() == [False, True, False, False]
     assert batch.row_has_flag(MASK_ATTENTION).tolist() == [False, False, False, True]
+
+
+PLAN_CONFIGS = {
+    "official-fired": official(trajectory_buffer_size=2),
+    "every-step-current": official(replay_trigger="every_step", trajectory_tolerate_steps=2, tolerate_steps_cap=None,
+                                   staleness_anchor="current_step", capacity_rows=50),
+    "every-step-newest": official(replay_trigger="every_step", capacity_rows=50),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAN_CONFIGS))
+def test_plan_draw_changes_nothing_until_commit(impl: str, name: str) -> None:
+    sil = make_sil(impl, PLAN_CONFIGS[name], seed=3)
+    for step in range(1, 4):
+        fill(sil, step, [float(step + i) for i in range(6)])
+    before = sil.state_dict()
+    first = sil.plan_draw(step=4, on_policy_rows=8)  # every-step-current: step 1 is stale
+    second = sil.plan_draw(step=4, on_policy_rows=8)
+    assert sil.state_dict() == before  # planning twice draws the same rows and leaves the buffer as it was
+    assert first.batch is not None and first.metrics == second.metrics
+    np.testing.assert_array_equal(first.batch.row_ids, second.batch.row_ids)
+    sil.commit(first)
+    assert sil.state_dict() != before  # the generator advanced (and the flush / sweep happened)
+    assert (len(sil) == 0) == first.flush
+
+
+def test_stale_rows_are_not_drawn_and_commit_sweeps_them(impl: str) -> None:
+    cfg = PLAN_CONFIGS["every-step-current"]
+    sil = make_sil(impl, cfg, seed=1)
+    fill(sil, 1, [50.0, 60.0, 70.0])  # stale at step 4 (4 - 1 > 2), and the best scores
+    fill(sil, 3, [1.0, 2.0, 3.0, 4.0, 5.0])
+    plan = sil.plan_draw(step=4, on_policy_rows=40)
+    assert plan.evict_at_step == 4 and len(sil) == 8
+    assert set(plan.batch.steps.tolist()) == {3} and set(plan.batch.scores.tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    sil.commit(plan)
+    assert sil.index.metadata()["step"].tolist() == [3] * 5
+
+
+def test_dropping_a_plan_equals_restoring_a_snapshot(impl: str) -> None:
+    """The trainer of a skipped step drops its plan; that must leave the buffer exactly where a snapshot taken
+    before a mutating draw, restored after it, would (same draws afterwards, same bytes)."""
+    rng = np.random.default_rng(7)
+    for cfg in PLAN_CONFIGS.values():
+        planned, snapshot = make_sil(impl, cfg, seed=9), make_sil(impl, cfg, seed=9)
+        for step in range(1, 25):
+            n = int(rng.integers(1, 8))
+            rows = dict(scores=rng.normal(size=n).round(2).tolist(), advantages=rng.normal(size=n).round(2).tolist(),
+                        group_ids=rng.integers(0, 3, size=n).tolist(), length=int(rng.integers(1, 4)))  # fmt: skip
+            skipped = bool(rng.random() < 0.4)
+            plan = planned.plan_draw(step, on_policy_rows=n)
+            saved = snapshot.state_dict()
+            batch, metrics = snapshot.draw(step, on_policy_rows=n)
+            assert plan.metrics == metrics and (plan.batch is None) == (batch is None)
+            if batch is not None:
+                np.testing.assert_array_equal(plan.batch.row_ids, batch.row_ids)
+                np.testing.assert_array_equal(plan.batch.advantages, batch.advantages)
+            if skipped:
+                snapshot.load_state_dict(saved)
+                continue
+            planned.commit(plan)
+            planned.update(step, make_batch(**rows))
+            snapshot.update(step, make_batch(**rows))
+            assert planned.state_dict() == snapshot.state_dict()

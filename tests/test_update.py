@@ -17,7 +17,7 @@ def make_rows(n: int, width: int, seed: int) -> LossRows:
     mask[0] = 0.0  # a fully masked row
     return LossRows(
         inputs=torch.randint(0, 5, (n, width), generator=g),
-        old_log_probs=-torch.rand(n, width, generator=g),
+        old_log_prob=-torch.rand(n, width, generator=g),
         advantages=torch.randn(n, 1, generator=g).expand(n, width) * mask,
         loss_mask=mask,
     )
@@ -84,7 +84,7 @@ def reference_gradient(config: ActorConfig, rows: LossRows, idx: np.ndarray, glo
     policy = TablePolicy()
     logp, _ = policy.forward_rows(idx, rows)
     t = torch.as_tensor(idx)
-    ratio = torch.exp((logp - rows.old_log_probs[t]).clamp(-20, 20))
+    ratio = torch.exp((logp - rows.old_log_prob[t]).clamp(-20, 20))
     adv = rows.advantages[t]
     l1, l2 = -adv * ratio, -adv * ratio.clamp(0.8, 1.28)
     clipped = torch.maximum(l1, l2)

@@ -3,7 +3,7 @@
 Inputs follow verl: ``token_level_rewards``/``response_mask`` are ``[B, T]``; ``index`` (the prompt
 group, ``uid``), ``traj_index`` (``traj_uid``) and ``anchor_obs`` are numpy arrays (or sequences) of
 any hashable ids, strings included. Every estimator returns ``(advantages, returns)``, both
-``[B, T]`` and already multiplied by the mask (spec section 6).
+``[B, T]`` and already multiplied by the mask (docs/algorithm.md, 'Advantages').
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def compute_grpo_outcome_advantage(
     norm_adv_by_std_in_grpo: bool = True,
     config: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO outcome advantage (verl 0.9; spec 6.1).
+    """GRPO outcome advantage (verl 0.9), normalised over every row of a prompt group.
 
     ``s_i = sum_t r_it``; the group is every row sharing ``index[i]``. ``A_i = s_i - mean`` or
     ``(s_i - mean) / (std + epsilon)`` (unbiased std) when ``norm_adv_by_std_in_grpo`` (False =
@@ -146,7 +146,7 @@ def compute_step_discounted_returns(
     gamma: float,
     active_masks: Sequence[bool] | np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Discounted return of every step-sample within its trajectory (spec 6.2): float32 ``[B]``.
+    """Discounted return of every step-sample within its trajectory (GiGPO step level): float32 ``[B]``.
 
     ``G_t = sum_{j >= t} gamma^{j-t} r_j`` over the rows of the same ``traj_uid`` in batch order
     (the official code takes them from ``batch.non_tensor_batch['rewards'/'traj_uid'/'active_masks']``).
@@ -244,7 +244,7 @@ def compute_gigpo_outcome_advantage(
     step_advantage_w: float = 1.0,
     mode: str = "mean_norm",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GiGPO (spec 6.2): ``A = A_episode + step_advantage_w * A_step``, both masked.
+    """GiGPO: ``A = A_episode + step_advantage_w * A_step``, both masked.
 
     ``token_level_rewards`` feed the episode level (GRPO-like over the uid, including the tool bonus
     and the invalid penalty); ``step_rewards`` (``[B]``, discounted env returns minus the invalid

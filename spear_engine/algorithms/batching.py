@@ -1,4 +1,4 @@
-"""Batch-size padding by duplication: verl-agent's ``adjust_batch(mode="copy")`` (spec section 0).
+"""Batch-size padding by duplication: verl-agent's ``adjust_batch(mode="copy")`` (docs/algorithm.md).
 
 The official trainer, right after the rollout (before rewards, filters and advantages), appends copies
 of randomly chosen step-samples until the batch size is a multiple of

@@ -1,10 +1,11 @@
-"""Dr.BoT filters (spec section 5): four response filters and the group-std rollout filter.
+"""Dr.BoT filters: four response filters and the group-std rollout filter.
 
-Response filters (5.1) are *loss masks*: a flagged step-sample keeps its place in the batch, in the
+Response filters are *loss masks*: a flagged step-sample keeps its place in the batch, in the
 group statistics and in the rollout filter; only its ``response_mask`` row becomes 0. The flags
 come from the decoded response (``EpisodeRewardManager``): overlong, incomplete ("void turn"),
-repetitive, unreadable. The rollout filter (5.2) keeps the prompt groups whose per-trajectory mean
+repetitive, unreadable. The rollout filter keeps the prompt groups whose per-trajectory mean
 scores vary the most, and optionally reproduces the official random power-of-two subsample.
+Semantics in full: docs/algorithm.md, 'Dr.BoT filters'.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 # --------------------------------------------------------------------------------------------
-# response flags (spec 5.1)
+# response flags
 # --------------------------------------------------------------------------------------------
 MAX_RESPONSE_LEN = 16384
 """Default overlong threshold of the official reward manager; the hybrid trainer passes
@@ -162,7 +163,7 @@ def apply_response_filters(
 
 
 # --------------------------------------------------------------------------------------------
-# group-std rollout filter (spec 5.2)
+# group-std rollout filter
 # --------------------------------------------------------------------------------------------
 ROLLOUT_FILTER_TYPES = ("std", "std_rev")
 """``rollout.rollout_filter_type``: keep the groups of largest (std) or smallest (std_rev) spread."""
@@ -177,7 +178,7 @@ def group_score_stats(
     trajectories' mean step-sample scores. ``scores`` is ``[B]`` or ``[B, T]`` (summed over T).
 
     These are the official rollout-filter statistics and also the SPEAR baseline's group means
-    (spec 1.2a): a long trajectory counts once, not once per step.
+    (:mod:`spear_engine.algorithms.self_imitation`): a long trajectory counts once, not once per step.
     """
     values = _scores_1d(scores)
     if len(values) != len(index) or len(values) != len(traj_index):

@@ -1,14 +1,14 @@
 """Policy losses (registry by name), loss aggregation, KL penalties, entropy and the actor loss.
 
 verl 0.9.1 compatible: the functions below have verl's names, arguments, shapes (``[B, T]`` with
-``response_mask``) and results, so a verl user can swap them in (spec section 3). The losses take
-``config``: any object with the attributes verl reads (``clip_ratio``, ``clip_ratio_low``,
-``clip_ratio_high``, ``clip_ratio_c``, ``policy_loss.*``, ``global_batch_info``) - a dataclass,
-``SimpleNamespace``, pydantic model or OmegaConf ``DictConfig``.
+``response_mask``) and results, so a verl user can swap them in (the formulas: docs/algorithm.md,
+'Policy loss'). The losses take ``config``: any object with the attributes verl reads (``clip_ratio``,
+``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_c``, ``policy_loss.*``, ``global_batch_info``) -
+a dataclass, ``SimpleNamespace``, pydantic model or OmegaConf ``DictConfig``.
 
 SPEAR additions (not in verl 0.9): :func:`replay_loss_config` (the official ``is_replay=True``
 switch, expressed as a config view), :func:`legacy_global_batch_info` (the aggregation of the older
-verl the official SPEAR code runs on) and :func:`actor_loss` (spec 3.6).
+verl the official SPEAR code runs on) and :func:`actor_loss` (a micro-batch's pg - entropy bonus (+ KL)).
 
 Loss aggregation is defined once, in ``spear_kernels`` (which cannot import this package):
 :func:`agg_loss` and :func:`legacy_global_batch_info` here are ``spear_kernels.agg_loss`` /
@@ -35,13 +35,13 @@ from spear_kernels import AGG_MODES, agg_loss, legacy_global_batch_info  # noqa:
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
 POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
-"""Registered policy losses by name: vanilla, clip_cov, kl_cov, gpg (spec 3)."""
+"""Registered policy losses by name: vanilla, clip_cov, kl_cov, gpg."""
 
 LOSS_AGG_MODES = AGG_MODES
 """The ``loss_agg_mode`` values of verl 0.9 ``agg_loss`` (:func:`agg_loss`)."""
 
 LOG_RATIO_CLAMP = 20.0
-"""|log pi - log pi_old| is clamped to this before exp in the vanilla loss (verl; spec 3.1)."""
+"""|log pi - log pi_old| is clamped to this before exp in the vanilla loss (as verl)."""
 
 # Official fallbacks when a *_replay constant is null (A:core_algos clip_cov / kl_cov, is_replay=True).
 REPLAY_CLIP_COV_RATIO_FALLBACK = 0.002
@@ -49,7 +49,7 @@ REPLAY_CLIP_COV_LB_FALLBACK = 1.0
 REPLAY_CLIP_COV_UB_FALLBACK = 40.0
 REPLAY_KL_COV_RATIO_FALLBACK = 0.8
 
-# verl's fallbacks when an on-policy constant is null (spec 3.3, 3.4).
+# verl's fallbacks when an on-policy constant is null (clip_cov, kl_cov).
 CLIP_COV_RATIO_FALLBACK = 0.0002
 CLIP_COV_LB_FALLBACK = 1.0
 CLIP_COV_UB_FALLBACK = 5.0
@@ -196,7 +196,7 @@ def replay_loss_config(config: Any) -> Any:
 
     ``policy_loss.clip_cov_ratio/lb/ub`` and ``policy_loss.kl_cov_ratio`` become the ``*_replay``
     values, each falling back (when null or absent) to the official replay defaults 0.002 / 1.0 /
-    40.0 and 0.8 (spec 3.3-3.4). Everything else, ``ppo_kl_coef`` included, reads through to
+    40.0 and 0.8. Everything else, ``ppo_kl_coef`` included, reads through to
     ``config``. Pass the view as ``config`` to any policy loss; verl's signatures stay unchanged.
     """
     section = _policy_loss_cfg(config)
@@ -237,7 +237,7 @@ def compute_policy_loss_vanilla(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """PPO clip with clip-higher (eps_low, eps_high) and dual-clip for A < 0 (spec 3.1).
+    """PPO clip with clip-higher (eps_low, eps_high) and dual-clip for A < 0.
 
     ``delta = clamp(logp - logp_old, +-20)``, ``r = e^delta``; ``l = max(-A r, -A clip(r, 1-eps_l,
     1+eps_h))``, and for ``A < 0`` additionally ``min(l, -A c)``, ``c = clip_ratio_c``.
@@ -316,7 +316,7 @@ def compute_policy_loss_clip_cov(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Clip-Cov (spec 3.3): PPO clip (no delta clamp, no dual clip), plus a random few tokens of
+    """Clip-Cov: PPO clip (no delta clamp, no dual clip), plus a random few tokens of
     high advantage/log-prob covariance get zero loss and zero gradient (they stay in the mask).
 
     Constants: ``policy_loss.clip_cov_ratio`` (null -> 2e-4), ``clip_cov_lb`` (1.0), ``clip_cov_ub``
@@ -375,7 +375,7 @@ def compute_policy_loss_kl_cov(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """KL-Cov (spec 3.4): ``-A r`` with no clipping; the top ``kl_cov_ratio`` fraction of valid
+    """KL-Cov: ``-A r`` with no clipping; the top ``kl_cov_ratio`` fraction of valid
     tokens by covariance add ``beta |logp - logp_old|``, ``beta = policy_loss.ppo_kl_coef``.
 
     Constants: ``kl_cov_ratio`` (null -> 2e-4), ``ppo_kl_coef`` (null -> 1.0). Metric
@@ -411,7 +411,7 @@ def compute_policy_loss_gpg(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """GPG (spec 3.2): ``-A logp``, no ratio and no clipping; no metrics (``{}`` as verl 0.9)."""
+    """GPG: ``-A logp``, no ratio and no clipping; no metrics (``{}`` as verl 0.9)."""
     if use_kernels(log_prob):
         return kernel_policy_loss(
             "gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
@@ -425,11 +425,11 @@ def compute_policy_loss_gpg(
 # KL penalty, entropy, actor loss
 # --------------------------------------------------------------------------------------------
 KL_PENALTY_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
-"""Estimators of KL(pi || ref) per token (spec 3.6); each also exists with a "+" suffix."""
+"""Estimators of KL(pi || ref) per token; each also exists with a "+" suffix."""
 
 
 def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
-    """Per-token KL estimate with ``delta = logprob - ref_logprob`` (spec 3.6).
+    """Per-token KL estimate with ``delta = logprob - ref_logprob``.
 
     ``kl``/``k1``: delta; ``abs``: |delta|; ``mse``/``k2``: delta^2 / 2; ``low_var_kl``/``k3``:
     ``e^{-delta} + delta - 1`` with ``-delta`` clamped to +-20 and the result to [-10, 10];
@@ -476,7 +476,7 @@ def actor_loss(
     kl_agg: torch.Tensor | None = None,
     kl_coef: float = 0.0,
 ) -> torch.Tensor:
-    """The micro-batch actor objective (spec 3.6): ``pg - entropy_coeff * H (+ kl_coef * KL)``.
+    """The micro-batch actor objective: ``pg - entropy_coeff * H (+ kl_coef * KL)``.
 
     As the official actor, the entropy term is skipped when ``entropy_coeff == 0`` (``entropy_agg``
     may then be None) and the KL term when ``kl_agg`` is None. Scaling by 1/grad_accum and by the

@@ -1,4 +1,4 @@
-"""Step-sample scores: intrinsic tool-call bonus and the invalid-action penalty (spec section 4).
+"""Step-sample scores: intrinsic tool-call bonus and the invalid-action penalty.
 
 Each step-sample's score is ``episode reward + bonus``, written at the last valid response token of
 a ``[B, T]`` float32 reward tensor (zeros elsewhere), as ``EpisodeRewardManager`` does. The bonus is
@@ -12,6 +12,7 @@ does, so the score still counts in ``sum(-1)`` (group statistics) though no toke
 
 KL-in-reward (:func:`apply_kl_penalty`, ``algorithm.use_kl_in_reward``) comes after the penalty, as
 verl's ``apply_kl_penalty``: ``token_level_rewards = token_level_scores - beta * KL`` per token.
+Semantics in full: docs/algorithm.md, 'Rewards and the tool-call bonus'.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def compute_step_scores(
     per_call: float = TOOLCALL_BONUS_PER_CALL,
     cap: float = TOOLCALL_BONUS_CAP,
 ) -> torch.Tensor:
-    """The reward tensor of a step-sample batch (spec 4.1): ``episode_rewards + bonus`` placed at
+    """The reward tensor of a step-sample batch: ``episode_rewards + bonus`` placed at
     the last valid token of the (unfiltered, attention-derived) ``response_mask``."""
     rewards = np.asarray(episode_rewards, dtype=np.float64)
     if toolcall_bonus_factor(step, mode, max_steps) == 0.0:  # also validates mode
@@ -129,7 +130,7 @@ def apply_invalid_action_penalty(
     invalid_action_penalty_coef: float = INVALID_ACTION_PENALTY_COEF,
     step_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-    """Subtract ``coef`` from the score of every step-sample whose action is invalid (spec 4.1).
+    """Subtract ``coef`` from the score of every step-sample whose action is invalid.
 
     The penalty goes to the same token as the score - the row's last valid token of
     ``response_mask``, which must be the *unfiltered* attention-derived mask the scores were placed

@@ -1,10 +1,11 @@
 """Curriculum schedules on the global training step t (t = 1 for the first training step).
 
-* Replay coefficient (spec 1.4): cosine warm-up of the self-imitation loss weight,
+* Replay coefficient: cosine warm-up of the self-imitation loss weight,
   ``c(t) = C (1 - cos(pi t / T)) / 2`` for ``t <= T``, then ``C``; ``c(1) ~ 0``, ``c(T) = C``.
-* Tool-call bonus factor (spec 4): cosine decay ``(1 + cos(pi t / T)) / 2`` for ``t <= T``, then 0.
+* Tool-call bonus factor: cosine decay ``(1 + cos(pi t / T)) / 2`` for ``t <= T``, then 0.
 
-The arithmetic follows the official expressions term by term, so float results are identical.
+The arithmetic follows the official expressions term by term, so float results are identical
+(docs/algorithm.md, 'Schedules').
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def replay_coefficient(step: int, coef: float, max_steps: int) -> float:
 
 
 def toolcall_bonus_factor(step: int, mode: str, max_steps: int) -> float:
-    """Multiplier of the raw tool-call bonus at global step ``step`` (spec 4.1, 4.2).
+    """Multiplier of the raw tool-call bonus at global step ``step`` (agent and math code alike).
 
     Args:
         step: global step t (>= 0; validation before training uses 0, giving factor 1 for cosine).

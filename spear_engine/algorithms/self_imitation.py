@@ -1,6 +1,6 @@
 """SPEAR self-imitation: what enters the replay buffer, when replay fires, and with which advantages.
 
-This is the replay *policy* (spec sections 1-2) on top of the C++ replay index
+This is the replay *policy* (docs/algorithm.md, 'Self-imitation replay') on top of the C++ replay index
 (:mod:`spear_engine.replay`), which stores the rows. Each official quirk is a named option of
 :class:`~spear_engine.config.ReplayConfig`; ``spear-official`` reproduces the official code:
 
@@ -25,98 +25,30 @@ import numpy as np
 
 from spear_engine.algorithms.filters import group_score_stats
 from spear_engine.config import AlgorithmConfig, ReplayConfig
-
-MASK_ATTENTION = 1
-"""Flag bit: a response token (the official agent actor's replay loss mask is this attention mask)."""
-MASK_RESPONSE = 2
-"""Flag bit: a response token that survived the Dr.BoT filters (the filtered ``response_mask``)."""
+from spear_engine.data import MASK_ATTENTION, MASK_RESPONSE, ReplayBatch, SILBatch
 
 STD_EPSILON = 1e-6
 """Added to the baseline std when recalibrated advantages are std-normalised (as the official code)."""
 
 
-@dataclass
-class SILBatch:
-    """The rows of one training step offered to the buffer (the post-rollout-filter batch).
+@dataclass(frozen=True)
+class DrawPlan:
+    """A replay draw that has not touched the buffer (:meth:`SelfImitation.plan_draw`): the rows to train
+    on, and what :meth:`SelfImitation.commit` does to the buffer once the step is kept. Planning instead of
+    snapshotting keeps a skipped step O(1) whatever the buffer size."""
 
-    ``tokens``/``logp``/``mask`` are the concatenation of the rows (``lengths`` gives each row's length):
-    int32 token ids, float32 behaviour log-probs, uint8 flag bytes. ``scores`` is each row's summed
-    reward tensor (episode reward + tool bonus - invalid penalty). ``advantages`` is the row's on-policy
-    scalar advantage; ``episode_advantages`` its episode-level part (GiGPO: without the step term;
-    defaults to ``advantages``), used by trajectory-level admission.
-    """
-
-    tokens: np.ndarray
-    logp: np.ndarray
-    mask: np.ndarray
-    lengths: np.ndarray
-    group_ids: np.ndarray
-    traj_ids: np.ndarray
-    scores: np.ndarray
-    advantages: np.ndarray
-    episode_advantages: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        self.tokens = np.ascontiguousarray(self.tokens, dtype=np.int32)
-        self.logp = np.ascontiguousarray(self.logp, dtype=np.float32)
-        self.mask = np.ascontiguousarray(self.mask, dtype=np.uint8)
-        self.lengths = np.ascontiguousarray(self.lengths, dtype=np.int32)
-        for name in ("group_ids", "traj_ids"):
-            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.int64))
-        for name in ("scores", "advantages"):
-            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
-        if self.episode_advantages is None:
-            self.episode_advantages = self.advantages
-        self.episode_advantages = np.ascontiguousarray(self.episode_advantages, dtype=np.float64)
-        n = len(self.lengths)
-        for name in ("group_ids", "traj_ids", "scores", "advantages", "episode_advantages"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"SILBatch.{name} has {len(getattr(self, name))} rows, lengths has {n}")
-        total = int(self.lengths.sum())
-        for name in ("tokens", "logp", "mask"):
-            if len(getattr(self, name)) != total:
-                raise ValueError(
-                    f"SILBatch.{name} has {len(getattr(self, name))} tokens, lengths sum to {total}"
-                )
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def row_has_flag(self, flag: int) -> np.ndarray:
-        """Per row: does any of its tokens carry ``flag``?"""
-        ends = np.cumsum(self.lengths, dtype=np.int64)
-        hits = np.concatenate([[0], np.cumsum((self.mask & flag) > 0, dtype=np.int64)])
-        return (hits[ends] - hits[ends - self.lengths]) > 0
-
-
-@dataclass
-class ReplayBatch:
-    """Rows drawn for a self-imitation update, right-padded, with their recalibrated advantages."""
-
-    row_ids: np.ndarray
-    tokens: np.ndarray
-    logp: np.ndarray
-    mask: np.ndarray
-    lengths: np.ndarray
-    advantages: np.ndarray
-    scores: np.ndarray
-    steps: np.ndarray
-    loss_mask_flag: int
-
-    def __len__(self) -> int:
-        return len(self.row_ids)
-
-    def loss_mask(self) -> np.ndarray:
-        """[k, Lmax] float32 loss mask: the tokens whose flag byte carries the configured bit."""
-        return ((self.mask & self.loss_mask_flag) > 0).astype(np.float32)
-
-    def token_advantages(self) -> np.ndarray:
-        """[k, Lmax] advantages: the row's recalibrated scalar on its loss-mask tokens, 0 elsewhere."""
-        return self.advantages[:, None].astype(np.float32) * self.loss_mask()
+    batch: ReplayBatch | None
+    metrics: dict[str, float]
+    evict_at_step: int | None
+    """The staleness sweep of the draw (every-step mode, ``staleness_anchor=current_step``), or None."""
+    flush: bool
+    """Whether the draw empties the buffer (``when_full_then_flush`` once it fired)."""
+    rng_state: tuple[int, ...]
+    """The index generator's state after the draw."""
 
 
 def trajectory_mean_scores(scores: np.ndarray, traj_ids: np.ndarray) -> np.ndarray:
-    """Mean score of each trajectory's rows (r_k of spec 1.2a), trajectories in first-seen order."""
+    """Mean score of each trajectory's rows (the ``trajectory`` baseline unit), in first-seen order."""
     traj_order, inverse = _first_seen_inverse(traj_ids)
     sums = np.bincount(inverse, weights=scores, minlength=len(traj_order))
     return sums / np.bincount(inverse, minlength=len(traj_order))
@@ -190,7 +122,7 @@ class SelfImitation:
     def update(
         self, step: int, batch: SILBatch, baseline: tuple[np.ndarray, np.ndarray] | None = None
     ) -> dict[str, float]:
-        """Staleness sweep, baseline statistics, admission (official order, spec 1.2).
+        """Staleness sweep, baseline statistics, admission, in order (docs/algorithm.md, 'Buffer update').
 
         ``baseline``: the (values, group stds) to push instead of this batch's own
         (:meth:`baseline_statistics`) - a multi-rank trainer passes every rank's, gathered, so the
@@ -260,7 +192,7 @@ class SelfImitation:
         return float(self.mean_window.percentile(50.0)), float(self.std_window.percentile(50.0))
 
     def recalibrated_advantages(self, scores: np.ndarray, stored_advantages: np.ndarray) -> np.ndarray:
-        """Spec 2: A = s - b (or (s - b)/(b_sigma + 1e-6) with std-norm); decay mode A = w * A_stored."""
+        """Recalibrated A = s - b (or (s - b)/(b_sigma + 1e-6) with std-norm); decay mode A = w * A_stored."""
         if not self.recalibration_mode:
             return self.replay.weight_decay_trajectory_replay * stored_advantages
         base = self.baseline()
@@ -292,17 +224,41 @@ class SelfImitation:
         return count
 
     def draw(self, step: int, on_policy_rows: int) -> tuple[ReplayBatch | None, dict[str, float]]:
-        """The replay batch for step t, or None when no replay happens this step."""
-        if self.replay.replay_trigger == "when_full_then_flush":
-            return self._draw_when_full()
-        return self._draw_every_step(step, on_policy_rows)
+        """The replay batch for step t (None when no replay happens this step), committed at once."""
+        plan = self.plan_draw(step, on_policy_rows)
+        self.commit(plan)
+        return plan.batch, plan.metrics
 
-    def _draw_when_full(self) -> tuple[ReplayBatch | None, dict[str, float]]:
+    def plan_draw(self, step: int, on_policy_rows: int) -> DrawPlan:
+        """The replay batch for step t without changing the buffer: the staleness sweep and the flush that
+        the draw implies, and the generator's advance, are recorded in the plan and applied by
+        :meth:`commit` once the step's update succeeded (a skipped step just drops the plan)."""
+        start = self.index.rng_state
+        if self.replay.replay_trigger == "when_full_then_flush":
+            batch, metrics, flush = self._draw_when_full()
+            evict_at = None
+        else:
+            batch, metrics = self._draw_every_step(step, on_policy_rows)
+            flush, evict_at = False, step if self.replay.staleness_anchor == "current_step" else None
+        after = self.index.rng_state
+        self.index.rng_state = start
+        return DrawPlan(batch, metrics, evict_at, flush, after)
+
+    def commit(self, plan: DrawPlan) -> None:
+        """Apply a plan of :meth:`plan_draw` to the buffer (before :meth:`update` of the same step)."""
+        if plan.evict_at_step is not None:
+            self.index.evict_stale(self.tolerate_steps, current_step=plan.evict_at_step)
+        if plan.flush:
+            self.index.flush()
+        self.index.rng_state = plan.rng_state
+
+    def _draw_when_full(self) -> tuple[ReplayBatch | None, dict[str, float], bool]:
+        """(batch, metrics, whether the buffer is flushed): fires once enough rows beat the baseline."""
         n_cap = self.replay.trajectory_buffer_size
         qualifying = self.qualifying_rows()
         metrics = {"replay/qualifying_rows": float(qualifying), "replay/fired": 0.0}
         if qualifying <= self.replay.full_factor * n_cap:
-            return None, metrics
+            return None, metrics, False
         meta = self.index.metadata()
         advantages = self.recalibrated_advantages(meta["score"], meta["advantage"])
         keep = self._keep_after_recalibration(advantages)
@@ -312,14 +268,15 @@ class SelfImitation:
         batch = None
         if k >= max(self.min_replay_rows, 1):
             batch = self._gather(meta, advantages, keep, k)
-        self.index.flush()
         metrics["replay/drawn_rows"] = float(len(batch) if batch is not None else 0)
-        return batch, metrics
+        return batch, metrics, True
 
     def _draw_every_step(self, step: int, on_policy_rows: int) -> tuple[ReplayBatch | None, dict[str, float]]:
-        if self.replay.staleness_anchor == "current_step":
-            self.index.evict_stale(self.tolerate_steps, current_step=step)
         meta = self.index.metadata()
+        if self.replay.staleness_anchor == "current_step":  # the rows commit() sweeps out are not drawn
+            fresh = meta["step"] >= step - self.tolerate_steps  # evict_stale keeps step - row step <= window
+            if not fresh.all():
+                meta = {name: column[fresh] for name, column in meta.items()}
         advantages = self.recalibrated_advantages(meta["score"], meta["advantage"])
         keep = self._keep_after_recalibration(advantages)
         n = int(keep.sum())

@@ -341,10 +341,7 @@ class AlfWorldEnv(ClosableEnv):
         return self._observation(text)
 
     def step(self, action: Action) -> StepResult:
-        self._check_open()
-        if self._done:
-            raise RuntimeError("the episode is over; call reset() first")
-        self._steps += 1
+        self._start_step()
         command = normalize_command(action.text) if action.kind == "command" else ""
         valid = bool(command) and command in self._state["admissible_commands"]
         if valid:

@@ -74,10 +74,13 @@ class ClosableEnv:
 
     ``with make_env(...) as env:`` closes the env on the way out. An env whose methods must refuse to
     run once closed overrides :meth:`_is_closed` and calls :meth:`_check_open` first; the error names
-    the env by its ``name``.
+    the env by its ``name``. An env that counts its steps in ``_steps`` and ends episodes with ``_done``
+    starts each step with :meth:`_start_step`.
     """
 
     name: str
+    _steps: int
+    _done: bool
 
     def close(self) -> None:  # pragma: no cover - every env defines its own
         raise NotImplementedError
@@ -88,6 +91,13 @@ class ClosableEnv:
     def _check_open(self) -> None:
         if self._is_closed():
             raise RuntimeError(f"this {self.name} env is closed")
+
+    def _start_step(self) -> None:
+        """Refuse a step on a closed env or a finished episode, then count the step."""
+        self._check_open()
+        if self._done:
+            raise RuntimeError("the episode is over; call reset() first")
+        self._steps += 1
 
     def __enter__(self: _Closable) -> _Closable:
         return self

@@ -149,10 +149,7 @@ class TWXEnv(ClosableEnv):
         return self._observation(obs)
 
     def step(self, action: Action) -> StepResult:
-        self._check_open()
-        if self._done:
-            raise RuntimeError("the episode is over; call reset() first")
-        self._steps += 1
+        self._start_step()
         command = match_command(action.text, self._infos["validActions"]) if action.kind == "command" else None
         valid = command is not None
         if valid:

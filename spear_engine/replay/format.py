@@ -2,8 +2,9 @@
 
 One statement in Python of what ``csrc/replay_index.cpp`` writes and reads: magics, version, headers,
 column order and dtypes, the CRC32 trailer, and the consistency rules a loaded state must meet. The
-numpy oracle (:mod:`spear_engine.replay.oracle`) writes and reads through it; anything else that needs
-to look inside saved bytes should too. Needs only the standard library and numpy.
+numpy oracle (:mod:`spear_engine.replay.oracle`, :mod:`spear_engine.replay.oracle_window`) writes and
+reads through it; anything else that needs to look inside saved bytes should too. Needs only the
+standard library and numpy.
 """
 
 from __future__ import annotations

@@ -1,24 +1,20 @@
 """Plain-numpy reference for the replay index contract (docs/replay_index_spec.md).
 
-``NumpyReplayIndex`` and ``NumpyBaselineWindow`` have the API of the C++ classes in
-``spear_engine._replay_index``, make the same draws and write the same bytes. They are the test
-oracle and the benchmark baseline, so they are written the obvious way: live rows as numpy columns
-in row-id order, their data as flat arrays in the same order (rebuilt on every removal), draws
-that recompute a cumsum of the remaining weights for every pick, percentiles via np.percentile.
+``NumpyReplayIndex`` has the API of the C++ ``ReplayIndex`` in ``spear_engine._replay_index``, makes the
+same draws and writes the same bytes. It is the test oracle and the benchmark baseline, so it is written
+the obvious way: live rows as numpy columns in row-id order, their data as flat arrays in the same order
+(rebuilt on every removal), draws that recompute a cumsum of the remaining weights for every pick. The
+baseline window's oracle is :mod:`spear_engine.replay.oracle_window`.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections import deque
 
 import numpy as np
 
 from spear_engine.replay.format import (
-    BASELINE_EVICTIONS,
-    BASELINE_HEADER,
-    BASELINE_MAGIC,
     CHECKSUM,
     DATA_COLUMNS,
     EVICTIONS,
@@ -38,6 +34,7 @@ from spear_engine.replay.format import (
     rows_problem,
     with_checksum,
 )
+from spear_engine.replay.oracle_checks import exact_1d, float64_1d, int64_1d, require_length
 from spear_engine.replay.rng import MASK64, Xoshiro256StarStar
 
 _WEIGHTINGS = ("uniform", "score")
@@ -49,37 +46,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 # ---------------------------------------------------------------------------------------------
-# input checks (the same rules and exception types as csrc/bindings.cpp)
-
-
-def _describe(a: np.ndarray) -> str:
-    return f"dtype {a.dtype} and shape {a.shape}"
-
-
-def _exact_1d(x, name: str, dtype) -> np.ndarray:
-    a = np.asarray(x)
-    if a.dtype != np.dtype(dtype) or a.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D {np.dtype(dtype).name} array, got {_describe(a)}")
-    return a
-
-
-def _int64_1d(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1 or not (a.dtype.kind in "iu" or a.size == 0):
-        raise ValueError(f"{name} must be a 1-D integer array, got {_describe(a)}")
-    return a.astype(np.int64, copy=False)
-
-
-def _float64_1d(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1 or not (a.dtype.kind in "fiu" or a.size == 0):
-        raise ValueError(f"{name} must be a 1-D real array, got {_describe(a)}")
-    return a.astype(np.float64, copy=False)
-
-
-def _require_length(a: np.ndarray, n: int, name: str) -> None:
-    if a.size != n:
-        raise ValueError(f"{name} must have one entry per row ({n}), got {a.size}")
+# input checks of the index (the same rules and exception types as csrc/bindings.cpp; the array
+# checks shared with the window are in spear_engine.replay.oracle_checks)
 
 
 def _to_seed(seed) -> int:
@@ -189,6 +157,15 @@ class NumpyReplayIndex:
     def next_row_id(self) -> int:
         return self._next_row_id
 
+    @property
+    def rng_state(self) -> tuple[int, int, int, int]:
+        """The draw generator's four words; assigning a saved value undoes the draws made since."""
+        return self._rng.state
+
+    @rng_state.setter
+    def rng_state(self, state: tuple[int, int, int, int]) -> None:
+        self._rng = Xoshiro256StarStar.from_state(tuple(state))
+
     def row_ids(self) -> np.ndarray:
         return self._meta["row_id"].copy()
 
@@ -199,17 +176,17 @@ class NumpyReplayIndex:
     def insert_batch(
         self, tokens, logp, mask, lengths, steps, group_ids, traj_ids, scores, advantages, threshold=-math.inf
     ) -> np.ndarray:
-        tokens = _exact_1d(tokens, "tokens", np.int32)
-        logp = _exact_1d(logp, "logp", np.float32)
-        mask = _exact_1d(mask, "mask", np.uint8)
-        lengths = _int64_1d(lengths, "lengths")
+        tokens = exact_1d(tokens, "tokens", np.int32)
+        logp = exact_1d(logp, "logp", np.float32)
+        mask = exact_1d(mask, "mask", np.uint8)
+        lengths = int64_1d(lengths, "lengths")
         n = len(lengths)
         steps, group_ids, traj_ids = (
-            _int64_1d(a, name)
+            int64_1d(a, name)
             for a, name in ((steps, "steps"), (group_ids, "group_ids"), (traj_ids, "traj_ids"))
         )
-        scores = _float64_1d(scores, "scores")
-        advantages = _float64_1d(advantages, "advantages")
+        scores = float64_1d(scores, "scores")
+        advantages = float64_1d(advantages, "advantages")
         for array, name in (
             (steps, "steps"),
             (group_ids, "group_ids"),
@@ -217,7 +194,7 @@ class NumpyReplayIndex:
             (scores, "scores"),
             (advantages, "advantages"),
         ):
-            _require_length(array, n, name)
+            require_length(array, n, name)
         if not len(tokens) == len(logp) == len(mask):
             raise ValueError(
                 f"tokens, logp and mask must have the same length, got {len(tokens)}, {len(logp)} and {len(mask)}"
@@ -301,7 +278,7 @@ class NumpyReplayIndex:
     def gather(self, row_ids, pad_token: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not _INT32_MIN <= pad_token <= _INT32_MAX:
             raise ValueError(f"pad_token must fit in int32, got {pad_token}")
-        ids = _int64_1d(row_ids, "row_ids")
+        ids = int64_1d(row_ids, "row_ids")
         positions = np.array([self._position(int(r)) for r in ids], dtype=np.int64)
         lengths = self._meta["length"][positions].astype(np.int32)
         width = int(lengths.max()) if len(lengths) else 0
@@ -323,7 +300,7 @@ class NumpyReplayIndex:
         return count
 
     def remove(self, row_ids) -> int:
-        ids = _int64_1d(row_ids, "row_ids")
+        ids = int64_1d(row_ids, "row_ids")
         return self._drop(np.isin(self._meta["row_id"], ids))
 
     def evict_stale(self, window: int, current_step: int | None = None) -> int:
@@ -368,7 +345,7 @@ class NumpyReplayIndex:
     ) -> np.ndarray:
         if weighting not in _WEIGHTINGS:
             raise ValueError(f"weighting must be 'uniform' or 'score', got {weighting!r}")
-        candidate_ids = None if candidates is None else _int64_1d(candidates, "candidates")
+        candidate_ids = None if candidates is None else int64_1d(candidates, "candidates")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         score_floor = float(score_floor)
@@ -444,128 +421,3 @@ class NumpyReplayIndex:
         index._rng = Xoshiro256StarStar.from_state(rng_state)
         index._set_rows(meta, {name: reader.take(dtype, n_tokens) for name, dtype in DATA_COLUMNS})
         return index
-
-
-# ---------------------------------------------------------------------------------------------
-# NumpyBaselineWindow
-
-
-class NumpyBaselineWindow:
-    """Sliding window of float64 values with np.percentile (test oracle and benchmark baseline)."""
-
-    def __init__(self, capacity: int = 0, eviction: str = "value"):
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0 (0 means unlimited), got {capacity}")
-        if eviction not in BASELINE_EVICTIONS:
-            raise ValueError(f"eviction must be 'value' or 'step_entries', got {eviction!r}")
-        self._capacity = int(capacity)
-        self._eviction = eviction
-        self._values = np.empty(0, dtype=np.float64)
-        self._entries: deque[list[int]] = deque()  # [step, number of its values still in the window]
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __repr__(self) -> str:
-        return (
-            f"NumpyBaselineWindow(values={len(self)}, capacity={self._capacity}, eviction={self._eviction!r})"
-        )
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def eviction(self) -> str:
-        return self._eviction
-
-    def values(self) -> np.ndarray:
-        return self._values.copy()
-
-    def clear(self) -> None:
-        self._values = np.empty(0, dtype=np.float64)
-        self._entries.clear()
-
-    def push(self, step: int, values) -> None:
-        values = _float64_1d(values, "values")
-        if np.isnan(values).any():
-            raise ValueError("baseline values must not be NaN")
-        values = values + 0.0  # a copy, with -0.0 turned into +0.0
-        if self._eviction == "step_entries":
-            self._evict_whole_entries()
-        self._entries.append([int(step), len(values)])
-        self._values = np.concatenate((self._values, values))
-        if self._eviction == "value":
-            self._evict_single_values()
-
-    def _evict_whole_entries(self) -> None:
-        """Official SPEAR: before a push, drop the oldest pushes while over capacity."""
-        if self._capacity == 0:
-            return
-        dropped = 0
-        while len(self._values) - dropped > self._capacity and self._entries:
-            dropped += self._entries.popleft()[1]
-        self._values = self._values[dropped:]
-
-    def _evict_single_values(self) -> None:
-        """After a push, drop the oldest values until the window fits."""
-        if self._capacity == 0 or len(self._values) <= self._capacity:
-            return
-        excess = len(self._values) - self._capacity
-        self._values = self._values[excess:]
-        while excess > 0:
-            oldest = self._entries[0]
-            dropped = min(oldest[1], excess)
-            oldest[1] -= dropped
-            excess -= dropped
-            if oldest[1] == 0:
-                self._entries.popleft()
-
-    def percentile(self, q: float) -> float:
-        q = float(q)
-        if not 0.0 <= q / 100 <= 1.0:
-            raise ValueError(f"percentile q must be in [0, 100], got {q!r}")
-        if len(self._values) == 0:
-            raise ValueError("percentile of an empty baseline window")
-        return float(np.percentile(self._values, q))
-
-    def to_bytes(self) -> bytes:
-        n_values, n_entries = len(self._values), len(self._entries)
-        total = BASELINE_HEADER.size + 8 * n_values + 16 * n_entries + CHECKSUM.size
-        header = BASELINE_HEADER.pack(
-            BASELINE_MAGIC,
-            FORMAT_VERSION,
-            BASELINE_EVICTIONS.index(self._eviction),
-            total,
-            self._capacity,
-            n_values,
-            n_entries,
-        )
-        steps = np.array([e[0] for e in self._entries], dtype=np.int64)
-        counts = np.array([e[1] for e in self._entries], dtype=np.uint64)
-        return with_checksum([header, self._values.tobytes(), steps.tobytes(), counts.tobytes()])
-
-    @classmethod
-    def from_bytes(cls, data) -> NumpyBaselineWindow:
-        what = "baseline window"
-        buf = as_byte_buffer(data)
-        check_magic_version_size(what, buf, BASELINE_MAGIC, BASELINE_HEADER.size)
-        _, _, eviction, _, capacity, n_values, n_entries = BASELINE_HEADER.unpack_from(buf, 0)
-        body = len(buf) - BASELINE_HEADER.size - CHECKSUM.size
-        if 8 * n_values + 16 * n_entries != body:
-            raise ValueError(f"{what} bytes are corrupted: the value and entry counts do not match the size")
-        check_checksum(what, buf)
-        reader = ColumnReader(buf, BASELINE_HEADER.size)
-        values = reader.take(np.float64, n_values)
-        steps = reader.take(np.int64, n_entries)
-        counts = reader.take(np.uint64, n_entries)
-        if eviction >= len(BASELINE_EVICTIONS):
-            raise ValueError(f"{what} bytes hold an unknown eviction code {eviction}")
-        if sum(int(c) for c in counts) != n_values:
-            raise ValueError(f"{what} bytes are inconsistent: entry counts do not sum to the values")
-        if np.isnan(values).any() or (np.signbit(values) & (values == 0.0)).any():
-            raise ValueError(f"{what} bytes hold a NaN or -0.0 value")
-        window = cls(capacity, BASELINE_EVICTIONS[eviction])
-        window._values = values
-        window._entries = deque([int(s), int(c)] for s, c in zip(steps, counts))
-        return window

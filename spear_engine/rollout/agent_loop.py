@@ -220,6 +220,9 @@ class AgentLoop:
             turn_params = response_params
             if params.seed is not None:
                 turn_params = SamplingParams(**{**response_params.__dict__, "seed": params.seed + 7919 * turn})
+            scripted = getattr(self.engine, "prompts_from_envs", None)  # an engine that answers from the env itself
+            if scripted is not None:
+                scripted([s.env for s, _ in still])
             generations = self.engine.generate([p for _, p in still], turn_params)
             if len(generations) != len(still):
                 raise RuntimeError(f"rollout engine {self.engine.name!r} returned {len(generations)} generations "
@@ -311,7 +314,7 @@ class AgentLoop:
             Turn(
                 prompt_ids=list(new_tokens),
                 response_ids=list(generation.token_ids),
-                response_logp=[float(x) for x in generation.logprobs],
+                rollout_log_probs=[float(x) for x in generation.logprobs],
                 response_text=text,
                 observation=observation_before.text if observation_before else "",
                 action_valid=bool(result.action_valid),

@@ -196,9 +196,9 @@ class TokenLoss:
     responses, the loss mode and its constants (``kernel_loss_constants``). ``token_weights`` carry the
     aggregation (``spear_kernels.agg_scale``: verl's ``agg_loss`` with the batch info as per-token factors)
     times any IS weights, so the kernel sums; ``entropy_weights`` the aggregation alone.
-    ``old_log_probs=None``: exactly on-policy."""
+    ``old_log_prob=None``: exactly on-policy."""
 
-    old_log_probs: torch.Tensor | None
+    old_log_prob: torch.Tensor | None
     advantages: torch.Tensor
     loss_mask: torch.Tensor
     token_weights: torch.Tensor
@@ -215,7 +215,7 @@ class TokenLoss:
             return t.to(x.device)[valid][None]
 
         return spear_kernels.fused_linear_policy_loss(
-            x[None], weight, labels[None], None if self.old_log_probs is None else pick(self.old_log_probs),
+            x[None], weight, labels[None], None if self.old_log_prob is None else pick(self.old_log_prob),
             pick(self.advantages), pick(self.loss_mask), bias=bias, temperature=temperature,
             loss_mode=self.loss_mode, loss_agg_mode="token-sum", weights=pick(self.token_weights),
             entropy_coeff=self.entropy_coeff, entropy_weights=pick(self.entropy_weights), chunk_size=chunk_size,

@@ -2,10 +2,10 @@
 
 A small model cannot follow the agent format zero-shot (SmolLM2-135M never writes ``<action>``), so RL
 would see only filtered, invalid turns. As the official math SPEAR runs start from a cold-start SFT
-model, ``trainer.sft_warmup_steps`` first fine-tunes on demonstrations: each train-split episode is
-played with ``env.gold_actions()``, the prompts are built exactly as the agent loop builds them (same
-prompt functions and chat tokenisation, both layouts), the responses are the gold actions in the
-answer format, and the loss is the mean negative log-likelihood of the response tokens.
+model, ``trainer.sft_warmup_steps`` first fine-tunes on demonstrations: train-split episodes played by the
+agent loop itself with a scripted engine that answers with each env's gold actions
+(:class:`~spear_engine.rollout.gold.GoldPathEngine`), so prompts, turns and tokens are exactly an RL
+rollout's, in either layout. The loss is the mean negative log-likelihood of the response tokens.
 """
 
 from __future__ import annotations
@@ -18,86 +18,66 @@ import numpy as np
 import torch
 
 from spear_engine.config_loading import ConfigError
-from spear_engine.data import Episode, RolloutBatch, Turn
-from spear_engine.envs.base import Action, Env
-from spear_engine.rollout.agent_loop import ChatTokens
-from spear_engine.rollout.prompts import first_trajectory_message, next_trajectory_message, step_prompt
+from spear_engine.data import Episode, RolloutBatch
+from spear_engine.envs.base import Env
+from spear_engine.rollout.agent_loop import AgentLoop, AgentLoopConfig, ChatTokens
+from spear_engine.rollout.engine import SamplingParams
+from spear_engine.rollout.gold import GoldPathEngine
 from spear_engine.train.policy import SequenceBatch
 
-
-def render_action(action: Action) -> str:
-    """A gold action in the answer format the prompts ask for."""
-    if action.kind == "python":
-        return f"<think>Let me compute it.</think>\n```python\n{action.text}\n```"
-    if action.kind == "answer":
-        return f"<think>I have the result.</think><answer>{action.text}</answer>"
-    return f"<think>The next step is to {action.text}.</think><action>{action.text}</action>"
+DEMO_BLOCK = 8
+"""Episodes played at once (each holds an env: a TextWorldExpress game holds a JVM)."""
 
 
-def demonstration(
-    env: Env, chat: ChatTokens, env_name: str, seed: int, layout: str, history_length: int, max_prompt_length: int
-) -> Episode | None:
-    """One gold episode with exact tokens (None when the env offers no gold path)."""
-    observation = env.reset(seed, "train")
-    gold = env.gold_actions()
-    if not gold:
-        return None
-    turns: list[Turn] = []
-    history: list[tuple[str, str]] = []
-    pending = chat.prompt(first_trajectory_message(env_name, observation)) if layout == "trajectory" else []
-    won = False
-    for k, action in enumerate(gold):
-        if layout == "step":
-            prompt = chat.prompt(step_prompt(env_name, observation, history, k, history_length))[-max_prompt_length:]
-        else:
-            prompt = pending
-        text = render_action(action)
-        response = [*chat.encode(text), chat.eos_id]
-        result = env.step(action)
-        turns.append(Turn(prompt, response, [0.0] * len(response), text, observation.text, result.action_valid,
-                          int(action.kind in ("command", "python")), result.reward))  # fmt: skip
-        history.append((observation.text, action.text))
-        observation = result.observation
-        pending = chat.next_user_turn(next_trajectory_message(observation))
-        if result.done:
-            won = result.won
-            break
-    return Episode(group_id=seed, traj_id=seed, turns=turns, success=won, meta={"demonstration": True})
+def demonstrations(
+    tokenizer: Any, env_factory: Callable[[], Env], env_name: str, loop_config: AgentLoopConfig, seeds: list[int]
+) -> list[Episode]:
+    """One gold episode per train-split seed, played by the agent loop (won or not)."""
+    chat = ChatTokens(tokenizer)
+    engine = GoldPathEngine(chat.encode, chat.eos_id)
+    loop = AgentLoop(engine, tokenizer, env_factory, env_name, loop_config)
+    params = SamplingParams(max_new_tokens=loop_config.max_response_length, temperature=0.0)
+    episodes: list[Episode] = []
+    try:
+        for start in range(0, len(seeds), DEMO_BLOCK):
+            engine.new_run()
+            block = seeds[start : start + DEMO_BLOCK]
+            played, _ = loop.run(block, 1, params, split="train", first_group_id=start, first_traj_id=start)
+            for episode in played:
+                episode.meta["demonstration"] = True
+            episodes += played
+    finally:
+        loop.close()
+    return episodes
 
 
 def sft_warmup(
     backend: Any,
-    chat: ChatTokens,
+    tokenizer: Any,
     env_factory: Callable[[], Env],
     env_name: str,
+    loop_config: AgentLoopConfig,
     steps: int,
     episodes: int,
     rows_per_step: int,
     micro_batch: int,
-    layout: str = "step",
-    history_length: int = 2,
-    max_prompt_length: int = 2048,
     pad_token_id: int = 0,
     seed: int = 0,
     log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune on ``episodes`` gold episodes for ``steps`` optimizer steps; returns the last metrics."""
-    env = env_factory()
-    try:
-        demos = [demonstration(env, chat, env_name, 10**9 + seed * 1000 + i, layout, history_length, max_prompt_length)
-                 for i in range(episodes)]  # fmt: skip
-    finally:
-        env.close()
-    demos = [d for d in demos if d is not None and d.success]
+    """Fine-tune on the winning ones of ``episodes`` gold episodes for ``steps`` optimizer steps; returns the
+    last metrics. ``loop_config`` is the RL agent loop's (layout, history, prompt budget, turns)."""
+    seeds = [10**9 + seed * 1000 + i for i in range(episodes)]
+    demos = [d for d in demonstrations(tokenizer, env_factory, env_name, loop_config, seeds) if d.success]
     if not demos:
         raise ConfigError(
             f"environment '{env_name}' produced no winning gold episode for the SFT warm-up ({episodes} tried): "
             f"its gold paths do not finish within env.max_steps, or it has none. Raise env.max_steps, or set "
             f"trainer.sft_warmup_steps=0 to train without the warm-up."
         )
-    batch = RolloutBatch.from_episodes(demos, pad_token_id, layout=layout)
+    batch = RolloutBatch.from_episodes(demos, pad_token_id, layout=loop_config.layout)
     sequences = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
-                                                   batch.attention_mask)  # fmt: skip
+                                                   batch.response_attention_mask)  # fmt: skip
     mask = batch.policy_mask.float()
     order = list(range(len(batch)))
     rng = random.Random(seed)

@@ -1,4 +1,4 @@
-"""The actor update: on-policy mini-batches, then the self-imitation replay (spec 1.4, 3.6).
+"""The actor update: on-policy mini-batches, then the self-imitation replay.
 
 ``update_actor`` is model-agnostic: it takes a ``forward(rows) -> (log_probs, entropy)`` callable
 over a row selection, so the same loop drives a transformer (the trainer) or the toy policy of
@@ -10,6 +10,8 @@ advantages, no KL, and the loss scaled by c(t):
   replay mini-batch;
 * ``replay_update=joint`` (paper): the replay rows are spread over the on-policy mini-batches and
   each optimizer step takes the on-policy loss plus c(t) times the replay loss.
+
+Semantics: docs/algorithm.md, 'Replay in the update', 'Loss aggregation' and 'Actor objective'.
 """
 
 from __future__ import annotations
@@ -46,20 +48,20 @@ class LossRows:
 
     inputs: Any
     """Whatever ``forward`` needs to rebuild row i (token ids, ...); indexed by ``forward`` itself."""
-    old_log_probs: torch.Tensor | None
+    old_log_prob: torch.Tensor | None
     """Behaviour log-probs; None when the update is exactly on-policy: each row's first forward (before
-    any optimizer step) is then its old log-prob, and is kept in ``forward_log_probs``."""
+    any optimizer step) is then its old log-prob, and is kept in ``forward_log_prob``."""
     advantages: torch.Tensor
     loss_mask: torch.Tensor
     weights: torch.Tensor | None = None
     """Per-token importance weights of the policy loss (rollout/trainer mismatch correction), or None."""
-    ref_log_probs: torch.Tensor | None = None
+    ref_log_prob: torch.Tensor | None = None
     """Reference-policy log-probs for the KL loss (``actor.use_kl_loss``), or None."""
     tokens: torch.Tensor | None = None
     """Tokens the forward processes per row, for token-budget micro-batches (``actor.use_dynamic_bsz``);
     None: micro-batches of ``ppo_micro_batch_size_per_gpu`` rows."""
-    forward_log_probs: torch.Tensor | None = None
-    """With ``old_log_probs=None``: the detached log-probs of each row's forward, filled by the update."""
+    forward_log_prob: torch.Tensor | None = None
+    """With ``old_log_prob=None``: the detached log-probs of each row's forward, filled by the update."""
     forward_entropy: torch.Tensor | None = None
     _seen: np.ndarray | None = field(default=None, init=False, repr=False)
 
@@ -72,26 +74,26 @@ class LossRows:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return LossRows(self.inputs, move(self.old_log_probs), move(self.advantages), move(self.loss_mask),  # type: ignore[arg-type]
-                        move(self.weights), move(self.ref_log_probs), self.tokens)  # fmt: skip
+        return LossRows(self.inputs, move(self.old_log_prob), move(self.advantages), move(self.loss_mask),  # type: ignore[arg-type]
+                        move(self.weights), move(self.ref_log_prob), self.tokens)  # fmt: skip
 
     def old_log_probs_of(
         self, idx: np.ndarray, log_probs: torch.Tensor, entropy: torch.Tensor
     ) -> torch.Tensor:
-        """``old_log_probs[idx]``, or (on-policy) this forward's own log-probs, recorded for the caller."""
-        if self.old_log_probs is not None:
-            return self.old_log_probs[idx]
-        if self.forward_log_probs is None:
-            self.forward_log_probs = torch.zeros(self.loss_mask.shape, dtype=torch.float32)
+        """``old_log_prob[idx]``, or (on-policy) this forward's own log-probs, recorded for the caller."""
+        if self.old_log_prob is not None:
+            return self.old_log_prob[idx]
+        if self.forward_log_prob is None:
+            self.forward_log_prob = torch.zeros(self.loss_mask.shape, dtype=torch.float32)
             self.forward_entropy = torch.zeros(self.loss_mask.shape, dtype=torch.float32)
             self._seen = np.zeros(len(self), dtype=bool)
         assert self._seen is not None
         if self._seen[idx].any():
-            raise RuntimeError("old_log_probs=None needs every row forwarded exactly once, before any optimizer "
+            raise RuntimeError("old_log_prob=None needs every row forwarded exactly once, before any optimizer "
                                "step (one epoch, one mini-batch); this update forwarded a row twice")  # fmt: skip
         self._seen[idx] = True
         detached = log_probs.detach()
-        self.forward_log_probs[torch.as_tensor(idx)] = detached.float().cpu()
+        self.forward_log_prob[torch.as_tensor(idx)] = detached.float().cpu()
         self.forward_entropy[torch.as_tensor(idx)] = entropy.detach().float().cpu()  # type: ignore[index]
         return detached
 
@@ -143,7 +145,7 @@ def _fused_micro_loss(
     mask = rows.loss_mask[idx]
     scale = agg_scale(mask, config.loss_agg_mode, **loss_config.global_batch_info)
     weights = scale if rows.weights is None else scale * rows.weights[idx]
-    old = None if rows.old_log_probs is None else rows.old_log_probs[idx]
+    old = None if rows.old_log_prob is None else rows.old_log_prob[idx]
     spec = TokenLoss(old, rows.advantages[idx], mask, weights, scale, mode, kernel_loss_constants(mode, loss_config),
                      config.entropy_coeff)  # fmt: skip
     log_probs, entropy, result = forward(idx, rows, spec)
@@ -161,21 +163,21 @@ def _micro_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The actor objective of one micro-batch (pg - entropy_coeff * H (+ KL)) and its metrics; ``fused``:
     through the forward's fused loss, except with a KL loss term (the kernel has none)."""
-    if fused and not (config.use_kl_loss and rows.ref_log_probs is not None):
+    if fused and not (config.use_kl_loss and rows.ref_log_prob is not None):
         return _fused_micro_loss(forward, rows, idx, config, loss_config)
     log_probs, entropy = forward(idx, rows)
-    old_log_probs = rows.old_log_probs_of(idx, log_probs, entropy)
+    old_log_prob = rows.old_log_probs_of(idx, log_probs, entropy)
     mask = rows.loss_mask[idx]
     loss_fn = get_policy_loss_fn(config.policy_loss.loss_mode)
     weights = None if rows.weights is None else rows.weights[idx]
     pg_loss, metrics = loss_fn(
-        old_log_probs, log_probs, rows.advantages[idx], mask, config.loss_agg_mode, loss_config, weights
+        old_log_prob, log_probs, rows.advantages[idx], mask, config.loss_agg_mode, loss_config, weights
     )
     info = loss_config.global_batch_info
     entropy_agg = agg_loss(entropy, mask, config.loss_agg_mode, **info) if config.entropy_coeff else None
     kl_agg = None
-    if config.use_kl_loss and rows.ref_log_probs is not None:
-        kl = kl_penalty(log_probs, rows.ref_log_probs[idx], config.kl_loss_type)
+    if config.use_kl_loss and rows.ref_log_prob is not None:
+        kl = kl_penalty(log_probs, rows.ref_log_prob[idx], config.kl_loss_type)
         kl_agg = agg_loss(kl, mask, config.loss_agg_mode, **info)
     loss = actor_loss(pg_loss, entropy_agg, config.entropy_coeff, kl_agg, config.kl_loss_coef)
     out = {k.removeprefix("actor/"): float(v) for k, v in metrics.items()}
@@ -289,10 +291,10 @@ def update_actor(
     on_sums, rp_sums = _MetricSums(), _MetricSums()
     grad_norms, replay_norms, skipped = [], [], 0
     generator = np.random.default_rng(shuffle_seed)
-    if on_policy.old_log_probs is None and (
+    if on_policy.old_log_prob is None and (
         config.ppo_epochs > 1 or len(on_policy) > config.ppo_mini_batch_size
     ):
-        raise ValueError("on-policy rows without old_log_probs need one epoch and one mini-batch (the update's "
+        raise ValueError("on-policy rows without old_log_prob need one epoch and one mini-batch (the update's "
                          "first forward is the old policy); compute old log-probs first")  # fmt: skip
     for _ in range(config.ppo_epochs):
         order = (

@@ -224,7 +224,7 @@ def test_build_step_group_and_to_hashable():
 
 
 def _gigpo_reference(scores, step_returns, obs, index, w, std_norm):
-    """Straightforward GiGPO (spec 6.2), float64, no shared code with the implementation."""
+    """Straightforward GiGPO (docs/algorithm.md, 'GiGPO'), float64, no shared code with the implementation."""
 
     def norm(values, members, singleton_self):
         out = []

@@ -208,7 +208,7 @@ def test_pow2_subsample_of_one_sample_keeps_none():
 
 
 def _reference_filter(scores, uids, trajs, ratio, kind):
-    """Straightforward restatement of spec 5.2 (no pow2 step)."""
+    """Straightforward restatement of the group-std rollout filter (docs/algorithm.md; no pow2 step)."""
     order = list(dict.fromkeys(uids))
     stats = {}
     for g in order:

@@ -236,7 +236,7 @@ def test_every_config_flavour_gives_the_same_result(name):
 # clip_cov
 # --------------------------------------------------------------------------------------------
 def _clip_cov_reference_keep(old, new, adv, mask, ratio, lb, ub, eps_low=0.2, eps_high=0.28):
-    """Independent statement of spec 3.3's selection (draws with the same global-RNG randperm)."""
+    """Independent statement of Clip-Cov's token selection (draws with the same global-RNG randperm)."""
     r = torch.exp(new - old)
     clipped = (-adv * torch.clamp(r, 1 - eps_low, 1 + eps_high)) > (-adv * r)
     m = mask.float()
@@ -419,7 +419,7 @@ def test_agg_loss_errors_and_empty_masks():
 
 
 def _old_verl_agg(loss_mat, mask, mode):
-    """The older verl agg_loss of the official SPEAR code (spec 3.5), written out independently."""
+    """The older verl agg_loss of the official SPEAR code, written out independently."""
     m = mask.double()
     lm = loss_mat.double() * m
     if mode == "token-mean":

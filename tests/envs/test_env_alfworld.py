@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from env_helpers import play, random_policy_wins
 
 from spear_engine.envs import alfworld_tasks as tasks
 from spear_engine.envs.base import Action, Env, available_envs, make_env
@@ -52,10 +53,6 @@ def typed_envs():
     yield get
     for e in envs.values():
         e.close()
-
-
-def play(env, actions):
-    return [env.step(a) for a in actions]
 
 
 def test_registered_and_satisfies_protocol(env):
@@ -102,17 +99,7 @@ def test_observations_read_like_alfworld(typed_envs):
 
 def test_random_policy_rarely_wins(env):
     """Measured 1 win in 200 random episodes of 30 steps (all task types, seeds 5000-5199); allow 1 in 20."""
-    rng = random.Random(2024)
-    wins = 0
-    for seed in range(300, 320):
-        obs = env.reset(seed, "train")
-        for _ in range(30):
-            r = env.step(Action("command", rng.choice(obs.admissible_actions)))
-            obs = r.observation
-            if r.done:
-                break
-        wins += r.won
-    assert wins <= 1
+    assert random_policy_wins(env, range(300, 320), random.Random(2024)) <= 1
 
 
 def test_reset_is_deterministic(env):

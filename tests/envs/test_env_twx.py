@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import pytest
+from env_helpers import play, random_policy_wins
 
 from spear_engine.envs.base import Action, Env, available_envs, make_env
 
@@ -41,10 +42,6 @@ def envs():
     assert not any(jvm_alive(pid) for pid in pids)
 
 
-def play(env, actions):
-    return [env.step(a) for a in actions]
-
-
 def test_registered_and_satisfies_protocol(envs):
     assert "twx" in available_envs()
     assert isinstance(envs["twc"], Env)
@@ -76,16 +73,7 @@ def test_other_games_gold_path_wins(game):
 @pytest.mark.parametrize("game", ["twc", "cookingworld"])
 def test_random_policy_rarely_wins(envs, game):
     """Measured 0 wins in 200 random episodes of 30 steps for twc and cookingworld (coin: 32/200, so not here)."""
-    env, rng, wins = envs[game], random.Random(99), 0
-    for seed in range(400, 420):
-        obs = env.reset(seed, "train")
-        for _ in range(30):
-            r = env.step(Action("command", rng.choice(obs.admissible_actions)))
-            obs = r.observation
-            if r.done:
-                break
-        wins += r.won
-    assert wins <= 1
+    assert random_policy_wins(envs[game], range(400, 420), random.Random(99)) <= 1
 
 
 def test_reset_is_deterministic_and_seeds_differ(envs):

@@ -15,6 +15,7 @@ from fault_helpers import assert_same_state, snapshot, tiny_config
 
 from spear_engine.rollout.engine import Generation, SamplingParams
 from spear_engine.rollout.resilient import EngineFailure, ResilientEngine, WeightSyncError
+from spear_engine.train import build as build_module
 from spear_engine.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -124,14 +125,14 @@ def own_weights_engine(monkeypatch):
                 raise ConnectionError("weight bucket lost")
             super().load_weights(named_tensors)
 
-    def factory(self):
+    def factory(config, engine_name, backend, device):
         def build():
             plan["built"] += 1
-            return FlakyHF(load_model(self.config.model.path, dtype=self.config.model.dtype)[0], share=True)
+            return FlakyHF(load_model(config.model.path, dtype=config.model.dtype)[0], share=True)
 
         return build, False
 
-    monkeypatch.setattr(Trainer, "_engine_factory", factory)
+    monkeypatch.setattr(build_module, "engine_factory", factory)
     return plan
 
 

@@ -36,19 +36,19 @@ NAN = float("nan")
 @contextlib.contextmanager
 def nan_update_log_probs(trainer: Trainer) -> Iterator[None]:
     """The update's (gradient) forward returns NaN log-probs: a NaN loss."""
-    original = trainer._forward
-    trainer._forward = nan_forward(original)
+    original = trainer.learner.forward
+    trainer.learner.forward = nan_forward(original)
     try:
         yield
     finally:
-        del trainer._forward
+        del trainer.learner.forward
 
 
 @contextlib.contextmanager
 def inf_old_log_probs(trainer: Trainer) -> Iterator[None]:
     """The no-gradient forward (old log-probs) returns -inf for the first token of every row: non-finite
     ratios and losses in every mini-batch."""
-    original = trainer._token_stats
+    original = trainer.learner._token_stats
 
     def patched(policy, sequences):
         logp, entropy = original(policy, sequences)
@@ -56,11 +56,11 @@ def inf_old_log_probs(trainer: Trainer) -> Iterator[None]:
         logp[:, 0] = -math.inf
         return logp, entropy
 
-    trainer._token_stats = patched
+    trainer.learner._token_stats = patched
     try:
         yield
     finally:
-        del trainer._token_stats
+        del trainer.learner._token_stats
 
 
 @contextlib.contextmanager

@@ -71,12 +71,12 @@ def test_soak_with_faults_ends_in_the_state_of_a_fault_free_run(tmp_path: Path, 
         def train_step():
             if trainer.global_step + 1 in nan_steps:
                 counts["nan"] += 1
-                original = trainer._forward
-                trainer._forward = nan_forward(original)
+                original = trainer.learner.forward
+                trainer.learner.forward = nan_forward(original)
                 try:
                     return step()
                 finally:
-                    del trainer._forward
+                    del trainer.learner.forward
             metrics = step()
             if trainer.global_step == probe_step["at"] and "warm_rss" not in probes:
                 gc.collect()

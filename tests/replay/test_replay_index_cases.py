@@ -397,3 +397,20 @@ def test_empty_index_round_trip(Index):
     assert len(data) == 108
     assert Index.from_bytes(data).to_bytes() == data
     assert Index.from_bytes(bytearray(data)).seed == 2**64 - 1
+
+
+def test_rng_state_is_the_generator_and_restoring_it_undoes_draws(Index, rng):
+    index = Index(seed=13)
+    assert index.rng_state == Xoshiro256StarStar(13).state  # the seeded words, before any draw
+    insert(index, make_batch(rng, [1] * 7))
+    saved, before = index.rng_state, index.to_bytes()
+    first = index.draw(4).tolist()
+    assert index.rng_state != saved and index.to_bytes() != before  # the generator state is serialised
+    index.rng_state = saved
+    assert index.to_bytes() == before and index.draw(4).tolist() == first
+    stream = Xoshiro256StarStar(13)
+    reference_draw([1] * 7, list(range(7)), stream, 4)
+    assert index.rng_state == stream.state  # the same words as the Python generator after the same draw
+    with pytest.raises(ValueError):
+        index.rng_state = (0, 0, 0, 0)
+    assert index.rng_state == stream.state

@@ -13,6 +13,7 @@ from spear_engine.envs.base import Action, Observation, StepResult, make_env
 from spear_engine.models import byte_tokenizer
 from spear_engine.rollout.agent_loop import AgentLoop, AgentLoopConfig, ChatTokens
 from spear_engine.rollout.engine import Generation, SamplingParams
+from spear_engine.rollout.gold import render_action
 from spear_engine.rollout.parsing import parse_action
 
 
@@ -42,14 +43,6 @@ def test_parse_action(text: str | None, expected: Action) -> None:
 # ------------------------------------------------------------------------------------------------
 # a scripted engine that plays each env's gold path
 # ------------------------------------------------------------------------------------------------
-def render(action: Action) -> str:
-    if action.kind == "python":
-        return f"<think>compute</think>```python\n{action.text}\n```"
-    if action.kind == "answer":
-        return f"<think>done</think><answer>{action.text}</answer>"
-    return f"<think>next</think><action>{action.text}</action>"
-
-
 class GoldEngine:
     """Answers every prompt with the gold action of its task at its turn (read back from the prompt)."""
 
@@ -71,7 +64,7 @@ class GoldEngine:
             task = next(t for t in self.gold if t in text)
             turn = self._turn(text)
             self.calls += 1
-            reply = render(self.gold[task][turn]) if not self.wrong_every or self.calls % self.wrong_every else "hmm"
+            reply = render_action(self.gold[task][turn]) if not self.wrong_every or self.calls % self.wrong_every else "hmm"
             tokens = self.tok(reply, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             tokens = tokens[: params.max_new_tokens]
             out.append(Generation(tokens, [-0.5] * len(tokens), "stop" if len(tokens) < params.max_new_tokens else "length"))
@@ -136,7 +129,7 @@ def test_gold_play_wins_and_tokens_round_trip(tokenizer, layout: str, env_name: 
         else:
             assert ids == [tok for t in episodes[i].turns for tok in t.response_ids]
             # policy tokens are exactly the sampled tokens; everything else in the response region is masked
-            region = batch.responses[i][batch.attention_mask[i].bool()].tolist()
+            region = batch.responses[i][batch.response_attention_mask[i].bool()].tolist()
             rebuilt = [tok for k, t in enumerate(episodes[i].turns) for tok in ((t.prompt_ids if k else []) + t.response_ids)]
             assert region == rebuilt
             assert batch.policy_mask[i].sum() == sum(len(t.response_ids) for t in episodes[i].turns)

@@ -12,6 +12,9 @@ import torch
 
 from spear_engine.config_loading import load_config
 from spear_engine.rollout import vllm as vllm_module
+from spear_engine.train.build import engine_factory
+
+RANK_ZERO = SimpleNamespace(rank=0, world_size=1)  # the engine factory reads only the backend's rank
 
 
 class RecordingLLM:
@@ -57,25 +60,17 @@ def test_gpu_memory_utilization_reaches_the_llm_constructor(recording_vllm, tiny
 def test_the_trainer_builds_vllm_with_the_configured_share(
     recording_vllm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spear_engine.train.trainer import Trainer
-
     config = load_config("spear-official", ["model.path=tiny", "rollout.gpu_memory_utilization=0.42"])
-    trainer = Trainer.__new__(Trainer)  # only the engine factory: no model, backend or env
-    trainer.config, trainer.rank, trainer.engine_name = config, 0, "vllm"
-    factory, shares = trainer._engine_factory()
+    factory, shares = engine_factory(config, "vllm", RANK_ZERO, torch.device("cpu"))  # no model, backend or env
     factory()
     assert not shares and recording_vllm[-1]["gpu_memory_utilization"] == 0.42
     assert load_config("spear-official").rollout.gpu_memory_utilization == 0.6  # the official script's value
 
 
 def test_the_trainer_passes_the_configured_kv_cache_size(recording_vllm) -> None:
-    from spear_engine.train.trainer import Trainer
-
-    trainer = Trainer.__new__(Trainer)
-    trainer.rank, trainer.engine_name = 0, "vllm"
     for given, expected in (("2.5", int(2.5 * 2**30)), ("null", 2**30)):  # null: the 1 GiB CPU default
-        trainer.config = load_config("spear", ["model.path=tiny", f"rollout.kv_cache_gb={given}"])
-        trainer._engine_factory()[0]()
+        config = load_config("spear", ["model.path=tiny", f"rollout.kv_cache_gb={given}"])
+        engine_factory(config, "vllm", RANK_ZERO, torch.device("cpu"))[0]()
         assert recording_vllm[-1]["kv_cache_memory_bytes"] == expected
 
 

@@ -6,8 +6,6 @@ new format round-trips: tensors bit for bit, plain data with its types, RNG stat
 
 from __future__ import annotations
 
-import builtins
-import hashlib
 import json
 import os
 import pickle
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from checkpoint_tampering import Payload, rewrite_manifest
 
 from spear_engine.train.checkpoint import (
     FORMAT_VERSION,
@@ -37,29 +36,6 @@ from spear_engine.train.checkpoint import (
 )
 
 WORKER = Path(__file__).with_name("zero3_checkpoint_safety_worker.py")
-
-
-class Payload:
-    """Unpickling this runs ``os.system`` (``touch marker``) or ``exec`` (which writes the marker)."""
-
-    def __init__(self, marker: Path, kind: str) -> None:
-        self.marker, self.kind = marker, kind
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        if self.kind == "os.system":
-            return os.system, (f"touch {self.marker}",)
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
-
-
-def rewrite_manifest(folder: Path) -> None:
-    """Correct SHA-256s and sizes for every file as it is now: the manifest proves integrity, not safety."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["files"] = {
-        str(p.relative_to(folder)): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 class Tied(torch.nn.Module):

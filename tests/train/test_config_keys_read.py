@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 NEVER_READ = {
     "description": "preset metadata: `spear presets` prints it from the preset file, the engine has no use for it",
-    "replay.trajectory_score_threshold": "kept so official configs load; the official code never reads it (spec 1.1)",
+    "replay.trajectory_score_threshold": "kept so official configs load; the official code never uses it",
 }
 """Keys that no engine code reads, on purpose, with the reason."""
 

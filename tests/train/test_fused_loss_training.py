@@ -103,6 +103,6 @@ def test_fused_update_matches_the_torch_loss(tiny: torch.nn.Module, mode: str, a
 def test_fused_update_takes_old_log_probs_from_its_forward(tiny: torch.nn.Module, mode: str) -> None:
     on_policy = _rows(episode_rows("step", 71, tiny.config.vocab_size), 71, with_old=False, with_is=False)
     rows_ref, rows_fused = _compare(tiny, _config(mode, "token-mean"), on_policy, None)
-    assert rows_ref.forward_log_probs is not None and rows_fused.forward_log_probs is not None
-    torch.testing.assert_close(rows_fused.forward_log_probs, rows_ref.forward_log_probs, rtol=1e-5, atol=1e-5)
+    assert rows_ref.forward_log_prob is not None and rows_fused.forward_log_prob is not None
+    torch.testing.assert_close(rows_fused.forward_log_prob, rows_ref.forward_log_prob, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rows_fused.forward_entropy, rows_ref.forward_entropy, rtol=1e-5, atol=1e-5)

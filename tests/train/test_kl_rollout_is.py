@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import spear_engine.train.trainer as trainer_module
+import spear_engine.step as step_module
 from spear_engine.algorithms.rollout_correction import rollout_correction
 from spear_engine.config import ActorConfig, PolicyLossConfig
 from spear_engine.config_loading import load_config
@@ -22,16 +22,8 @@ from spear_engine.rollout.engine import Generation, SamplingParams
 from spear_engine.train.trainer import Trainer
 from spear_engine.train.update import LossRows, update_actor
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tests are about values, and two threads on a shared 2-core machine crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: these tests are about values, and two threads on a shared 2-core machine crawl.
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +109,7 @@ def make_rows(seed: int, n: int = 6, width: int = 5) -> LossRows:
     mask[2] = 0.0  # an empty row
     mask[0, 0] = 1.0
     old = -0.5 - torch.rand(n, width, generator=g) * 3
-    return LossRows(inputs=None, old_log_probs=old, advantages=torch.randn(n, 1, generator=g).expand(n, width) * mask,
+    return LossRows(inputs=None, old_log_prob=old, advantages=torch.randn(n, 1, generator=g).expand(n, width) * mask,
                     loss_mask=mask)  # fmt: skip
 
 
@@ -142,14 +134,14 @@ def run_update(config: ActorConfig, rows: LossRows, logp: torch.Tensor) -> tuple
 def test_kl_loss_adds_coef_times_kl_to_the_loss_and_its_gradient(kind: str, micro: int) -> None:
     rows = make_rows(seed=1)
     g = torch.Generator().manual_seed(2)
-    logp = rows.old_log_probs + 0.1 * torch.randn(rows.old_log_probs.shape, generator=g)  # the policy moved
-    rows.ref_log_probs = rows.old_log_probs + 0.4 * torch.randn(rows.old_log_probs.shape, generator=g)
+    logp = rows.old_log_prob + 0.1 * torch.randn(rows.old_log_prob.shape, generator=g)  # the policy moved
+    rows.ref_log_prob = rows.old_log_prob + 0.4 * torch.randn(rows.old_log_prob.shape, generator=g)
     coef, mask = 0.3, rows.loss_mask
     off_loss, off_grad, off_metrics = run_update(actor(ppo_micro_batch_size_per_gpu=micro), rows, logp)
     on_loss, on_grad, on_metrics = run_update(
         actor(ppo_micro_batch_size_per_gpu=micro, use_kl_loss=True, kl_loss_type=kind, kl_loss_coef=coef), rows, logp
     )  # fmt: skip
-    value, grad = kl_value_and_grad(kind, logp, rows.ref_log_probs)
+    value, grad = kl_value_and_grad(kind, logp, rows.ref_log_prob)
     kl = float((value * mask).sum() / mask.sum())
     assert abs(kl) > 1e-3  # the reference differs: the test has something to see (k1 may be negative)
     assert on_loss - off_loss == pytest.approx(coef * kl, rel=1e-5)
@@ -165,9 +157,9 @@ def test_kl_loss_adds_coef_times_kl_to_the_loss_and_its_gradient(kind: str, micr
 
 def test_kl_against_an_identical_reference_is_zero_with_no_gradient() -> None:
     rows = make_rows(seed=3)
-    rows.ref_log_probs = rows.old_log_probs.clone()
-    off_loss, off_grad, _ = run_update(actor(), rows, rows.old_log_probs)
-    on_loss, on_grad, metrics = run_update(actor(use_kl_loss=True, kl_loss_coef=0.5), rows, rows.old_log_probs)
+    rows.ref_log_prob = rows.old_log_prob.clone()
+    off_loss, off_grad, _ = run_update(actor(), rows, rows.old_log_prob)
+    on_loss, on_grad, metrics = run_update(actor(use_kl_loss=True, kl_loss_coef=0.5), rows, rows.old_log_prob)
     assert metrics["actor/kl_loss"] == 0.0
     assert on_loss == off_loss
     torch.testing.assert_close(on_grad, off_grad, rtol=0, atol=0)
@@ -223,9 +215,9 @@ def test_no_is_weights_unless_asked_and_the_mismatch_is_logged() -> None:
 @pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
 def test_exactly_on_policy_weights_are_one_and_leave_the_loss_unchanged(level: str) -> None:
     rows = make_rows(seed=4)
-    weights, metrics = mismatch(level, 2.0, rows.old_log_probs.clone(), rows.old_log_probs, rows.loss_mask)
+    weights, metrics = mismatch(level, 2.0, rows.old_log_prob.clone(), rows.old_log_prob, rows.loss_mask)
     assert torch.equal(weights, rows.loss_mask) and metrics["mismatch/is_weight_mean"] == 1.0
-    logp = rows.old_log_probs + 0.2 * torch.randn(rows.old_log_probs.shape, generator=torch.Generator().manual_seed(5))
+    logp = rows.old_log_prob + 0.2 * torch.randn(rows.old_log_prob.shape, generator=torch.Generator().manual_seed(5))
     plain = run_update(actor(), rows, logp)
     rows.weights = weights
     weighted = run_update(actor(), rows, logp)
@@ -235,11 +227,11 @@ def test_exactly_on_policy_weights_are_one_and_leave_the_loss_unchanged(level: s
 def test_is_weights_multiply_the_token_losses() -> None:
     rows = make_rows(seed=6)
     g = torch.Generator().manual_seed(7)
-    logp = rows.old_log_probs + 0.3 * torch.randn(rows.old_log_probs.shape, generator=g)
-    rows.weights = torch.rand(rows.old_log_probs.shape, generator=g) * 2 * rows.loss_mask
+    logp = rows.old_log_prob + 0.3 * torch.randn(rows.old_log_prob.shape, generator=g)
+    rows.weights = torch.rand(rows.old_log_prob.shape, generator=g) * 2 * rows.loss_mask
     loss, grad, metrics = run_update(actor(), rows, logp)
     leaf = logp.clone().requires_grad_(True)
-    token = vanilla_ppo_token_losses(leaf, rows.old_log_probs, rows.advantages, 0.2, 0.28, 3.0)
+    token = vanilla_ppo_token_losses(leaf, rows.old_log_prob, rows.advantages, 0.2, 0.28, 3.0)
     expected = (token * rows.weights * rows.loss_mask).sum() / rows.loss_mask.sum()
     expected.backward()
     assert loss == pytest.approx(float(expected), rel=1e-5)
@@ -293,14 +285,14 @@ def tiny_trainer(tmp_path: Path, *extra: str) -> Trainer:
 def spy_update(monkeypatch: pytest.MonkeyPatch) -> list[tuple[LossRows, dict[str, float]]]:
     """Record the on-policy rows the trainer passes to update_actor, with the metrics it returns."""
     seen: list[tuple[LossRows, dict[str, float]]] = []
-    real = trainer_module.update_actor
+    real = step_module.update_actor
 
     def spy(forward, backend, config, on_policy, *args, **kwargs):
         metrics = real(forward, backend, config, on_policy, *args, **kwargs)
         seen.append((on_policy, metrics))
         return metrics
 
-    monkeypatch.setattr(trainer_module, "update_actor", spy)
+    monkeypatch.setattr(step_module, "update_actor", spy)
     return seen
 
 
@@ -324,9 +316,9 @@ def test_trainer_kl_to_an_identical_reference_is_zero_and_logged(tmp_path: Path,
     trainer.fit()
     ((rows, _),) = seen
     # exactly on-policy: the old log-probs are the update's first forward (actor.recompute_old_log_prob=auto)
-    assert rows.old_log_probs is None and rows.forward_log_probs is not None
-    assert rows.ref_log_probs is not None and rows.ref_log_probs.shape == rows.forward_log_probs.shape
-    torch.testing.assert_close(rows.ref_log_probs, rows.forward_log_probs, rtol=0, atol=1e-6)
+    assert rows.old_log_prob is None and rows.forward_log_prob is not None
+    assert rows.ref_log_prob is not None and rows.ref_log_prob.shape == rows.forward_log_prob.shape
+    torch.testing.assert_close(rows.ref_log_prob, rows.forward_log_prob, rtol=0, atol=1e-6)
     (record,) = read_metrics(tmp_path / "run")
     assert record["step"] == 1 and record["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -357,11 +349,11 @@ def test_trainer_kl_to_a_perturbed_reference_matches_the_formula(tmp_path: Path,
     mask = rows.loss_mask
     # the reference log-probs are the perturbed model's (read from its full logits here)
     expected_ref = plain_log_probs(trainer.ref_policy.model, rows.inputs, trainer.config.rollout.temperature)
-    torch.testing.assert_close(rows.ref_log_probs * mask, expected_ref * mask, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows.ref_log_prob * mask, expected_ref * mask, rtol=1e-4, atol=1e-4)
     # the first forward of the update is at the old weights: log_prob = old_log_prob (exactly on-policy, the
     # update's own first forward is the old log-prob: actor.recompute_old_log_prob=auto)
-    assert rows.old_log_probs is None and rows.forward_log_probs is not None
-    d = rows.forward_log_probs - rows.ref_log_probs
+    assert rows.old_log_prob is None and rows.forward_log_prob is not None
+    d = rows.forward_log_prob - rows.ref_log_prob
     k3 = (torch.exp(-d) + d - 1) * mask
     assert float(k3.max()) < 10 and float(d.abs().max()) < 20  # inside low_var_kl's clamps
     kl = float(k3.sum() / mask.sum())
@@ -396,13 +388,12 @@ class ScriptedEngine:
 def test_trainer_is_weights_from_the_engine_log_probs(level: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = spy_update(monkeypatch)
     mismatches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    import spear_engine.train.trainer as trainer_module
 
     def spy_mismatch(rollout_logp, old_logp, mask, mode, threshold):
         mismatches.append((rollout_logp.clone(), old_logp.clone(), mask.clone()))
         return rollout_correction(rollout_logp, old_logp, mask, mode, threshold)
 
-    monkeypatch.setattr(trainer_module, "rollout_correction", spy_mismatch)
+    monkeypatch.setattr(step_module, "rollout_correction", spy_mismatch)
     trainer = tiny_trainer(tmp_path, f"rollout.rollout_is={level}", "rollout.rollout_is_threshold=2.0",
                            "data.max_response_length=32")  # fmt: skip
     engine = ScriptedEngine(trainer.tokenizer)
@@ -417,7 +408,7 @@ def test_trainer_is_weights_from_the_engine_log_probs(level: str, tmp_path: Path
     assert valid.sum() == len(rows) * len(engine.ids)  # every sampled token, eos included
     # the behaviour log-probs are the engine's, token for token
     assert all(row[m > 0].tolist() == engine.logp for row, m in zip(rollout, mask))
-    torch.testing.assert_close(rows.old_log_probs, old, rtol=0, atol=0)
+    torch.testing.assert_close(rows.old_log_prob, old, rtol=0, atol=0)
     expected = truncated_is_weights(old, rollout, mask, level, 2.0)
     torch.testing.assert_close(rows.weights, expected, rtol=1e-5, atol=1e-6)
     assert metrics["mismatch/is_weight_mean"] == pytest.approx(float(expected.sum() / mask.sum()), rel=1e-5)

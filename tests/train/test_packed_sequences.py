@@ -40,7 +40,7 @@ def _episode(g: torch.Generator, traj: int, vocab: int) -> Episode:
     turns = []
     for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
         response = ids(1, 9)
-        turns.append(Turn(prompt_ids=ids(2, 15), response_ids=response, response_logp=[-1.0] * len(response),
+        turns.append(Turn(prompt_ids=ids(2, 15), response_ids=response, rollout_log_probs=[-1.0] * len(response),
                           response_text="<action>go</action>", observation="obs", action_valid=True, tool_calls=0,
                           reward=0.0))  # fmt: skip
     return Episode(group_id=0, traj_id=traj, turns=turns, success=False)
@@ -50,7 +50,7 @@ def episode_rows(layout: str, seed: int, vocab: int) -> SequenceBatch:
     g = torch.Generator().manual_seed(seed)
     batch = RolloutBatch.from_episodes([_episode(g, i, vocab) for i in range(5)], 0, layout=layout)
     return SequenceBatch.from_prompt_response(
-        batch.prompts, batch.prompt_mask, batch.responses, batch.attention_mask
+        batch.prompts, batch.prompt_mask, batch.responses, batch.response_attention_mask
     )
 
 
@@ -206,7 +206,7 @@ def test_packed_token_budget_update_matches_padded_row_micro_batches(
 
 
 def test_on_policy_rows_take_old_log_probs_from_their_first_forward(tiny: torch.nn.Module) -> None:
-    """``old_log_probs=None`` (one epoch, one mini-batch): the step equals one with the old log-probs of a
+    """``old_log_prob=None`` (one epoch, one mini-batch): the step equals one with the old log-probs of a
     separate no-grad pass, and the rows' forward log-probs are handed back."""
     rows = episode_rows("step", 51, tiny.config.vocab_size)
     config = ActorConfig(ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=4, lr=1e-2, grad_clip=1e9,
@@ -214,9 +214,9 @@ def test_on_policy_rows_take_old_log_probs_from_their_first_forward(tiny: torch.
     separate_rows = _loss_rows(rows, 51)
     with torch.no_grad():
         old, _ = FusedHeadPolicy(copy.deepcopy(tiny), packed=True)(rows)
-    separate_rows.old_log_probs = old
+    separate_rows.old_log_prob = old
     reuse_rows = copy.copy(separate_rows)
-    reuse_rows.old_log_probs = None
+    reuse_rows.old_log_prob = None
     grads = []
     for on_policy in (separate_rows, reuse_rows):
         backend = RecordingBackend(FusedHeadPolicy(copy.deepcopy(tiny), packed=True), lr=1e-2, weight_decay=0.0,
@@ -225,8 +225,8 @@ def test_on_policy_rows_take_old_log_probs_from_their_first_forward(tiny: torch.
                      on_policy)  # fmt: skip
         grads.append(backend.grads)
     assert_close_grads(grads[1], grads[0], 1e-5)
-    assert reuse_rows.forward_log_probs is not None
-    torch.testing.assert_close(reuse_rows.forward_log_probs, old, rtol=1e-5, atol=1e-5)
+    assert reuse_rows.forward_log_prob is not None
+    torch.testing.assert_close(reuse_rows.forward_log_prob, old, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one epoch and one mini-batch"):
         update_actor(
             lambda idx, r: None, None, config.model_copy(update={"ppo_epochs": 2}), copy.copy(reuse_rows)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import spear_engine.train.trainer as trainer_module
+import spear_engine.step as step_module
 from spear_engine.config_loading import load_config
 from spear_engine.metrics import PlainProgress
 from spear_engine.train.perf import TokenMeter, flop_params, gemm_flops_per_s
@@ -69,13 +69,13 @@ def test_trainer_reports_the_tokens_of_its_passes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: str
 ) -> None:
     seen = []
-    real_update = trainer_module.update_actor
+    real_update = step_module.update_actor
 
     def spy(forward, backend, config, on_policy, *args, **kwargs):
         seen.append(on_policy.inputs)
         return real_update(forward, backend, config, on_policy, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "update_actor", spy)
+    monkeypatch.setattr(step_module, "update_actor", spy)
     separate = passes == "separate_old_log_prob_padded"
     config = load_config("grpo", [
         "model.path=tiny", "env.name=webshop", "env.max_steps=2", "data.train_batch_size=2", "env.rollout.n=2",

@@ -10,7 +10,11 @@ import pytest
 from spear_engine.config_loading import load_config
 from spear_engine.envs.base import Action, Observation, StepResult, register_env
 from spear_engine.metrics import read_metrics
-from spear_engine.train.sft import demonstration, render_action, sft_warmup
+from spear_engine.rollout.agent_loop import AgentLoopConfig
+from spear_engine.rollout.engine import SamplingParams
+from spear_engine.rollout.gold import GoldPathEngine, render_action
+from spear_engine.rollout.parsing import parse_action
+from spear_engine.train.sft import demonstrations, sft_warmup
 from spear_engine.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -73,9 +77,10 @@ def _trainer(tmp_path: Path, *extra: str) -> Trainer:
 def test_demonstration_tokens_are_the_rendered_gold_actions(layout: str, tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, "trainer.total_training_steps=1")
     chat = trainer.agent_loop.chat
-    env = CorridorEnv(length=3)
-    episode = demonstration(env, chat, "corridor", seed=5, layout=layout, history_length=2, max_prompt_length=768)
-    assert episode is not None and episode.success
+    config = AgentLoopConfig(layout=layout, history_length=2, max_turns=4, max_prompt_length=768)
+    episodes = demonstrations(chat.tokenizer, lambda: CorridorEnv(length=3), "corridor", config, seeds=[5, 6])
+    assert len(episodes) == 2 and all(e.success and e.meta["demonstration"] for e in episodes)
+    episode = episodes[0]
     assert len(episode.turns) == 3
     for turn in episode.turns:
         assert turn.response_ids[-1] == chat.eos_id
@@ -95,8 +100,8 @@ def test_warmup_lowers_the_demonstration_nll(tmp_path: Path) -> None:
     for g in trainer.backend.optimizer.param_groups:
         g["lr"] = 0.02
     nll: list[float] = []
-    sft_warmup(trainer.backend, trainer.agent_loop.chat, lambda: CorridorEnv(), "corridor", steps=12, episodes=4,
-               rows_per_step=4, micro_batch=2, pad_token_id=trainer.pad_token_id,
+    sft_warmup(trainer.backend, trainer.tokenizer, lambda: CorridorEnv(), "corridor", trainer.agent_loop.config,
+               steps=12, episodes=4, rows_per_step=4, micro_batch=2, pad_token_id=trainer.pad_token_id,
                log=lambda step, m: nll.append(m["sft/nll"]))  # fmt: skip
     assert len(nll) == 12
     assert nll[-1] < 0.5 * nll[0], nll
@@ -143,8 +148,8 @@ def test_fit_runs_the_warmup_once_then_restores_rl_settings(tmp_path: Path) -> N
 def test_warmup_on_an_env_without_gold_paths_fails_clearly(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, "trainer.total_training_steps=1")
     with pytest.raises(ValueError, match=r"no_gold.*no winning gold episode"):
-        sft_warmup(trainer.backend, trainer.agent_loop.chat, lambda: NoGoldEnv(), "no_gold", steps=1, episodes=2,
-                   rows_per_step=2, micro_batch=2)  # fmt: skip
+        sft_warmup(trainer.backend, trainer.tokenizer, lambda: NoGoldEnv(), "no_gold", trainer.agent_loop.config,
+                   steps=1, episodes=2, rows_per_step=2, micro_batch=2)  # fmt: skip
     trainer.close()
 
 
@@ -153,3 +158,23 @@ def test_quickstart_preset_warms_up_before_rl() -> None:
     assert config.trainer.sft_warmup_steps > 0
     assert config.trainer.sft_lr > config.actor.lr
     assert config.trainer.sft_episodes >= config.trainer.sft_rows_per_step
+
+
+def test_gold_engine_needs_the_envs_and_ends_a_used_up_path_without_an_action(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, "trainer.total_training_steps=1")
+    chat = trainer.agent_loop.chat
+    engine = GoldPathEngine(chat.encode, chat.eos_id)
+    with pytest.raises(RuntimeError, match="prompts_from_envs"):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=4))
+    env = CorridorEnv(length=2)
+    env.reset(0)
+    engine.prompts_from_envs([env])
+    replies = [chat.decode(engine.generate([[1]], SamplingParams(max_new_tokens=4))[0].token_ids) for _ in range(3)]
+    assert [parse_action(r.removesuffix(chat.tokenizer.eos_token)).text for r in replies[:2]] == ["go east"] * 2
+    assert parse_action(replies[2].removesuffix(chat.tokenizer.eos_token)).kind == "invalid"  # the path is used up
+    assert len(chat.encode(replies[0])) > 4  # never cut at max_new_tokens: a demonstration is the whole action
+    # a corridor longer than the env's step budget: the gold path cannot win, so no demonstration is kept
+    config = AgentLoopConfig(max_turns=4, max_prompt_length=768)
+    long_corridor = demonstrations(chat.tokenizer, lambda: CorridorEnv(max_steps=2, length=3), "corridor", config, [1])
+    assert len(long_corridor) == 1 and not long_corridor[0].success
+    trainer.close()

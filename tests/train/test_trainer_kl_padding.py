@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
 
@@ -16,18 +15,10 @@ from fault_helpers import tiny_config
 
 from spear_engine.train.trainer import Trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 EXTRA = ["algorithm.use_kl_in_reward=true", "algorithm.kl_coef=0.5", "algorithm.kl_penalty=k3",
          "data.pad_batch_by_duplication=true"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _comparable(metrics: dict) -> dict:

@@ -16,8 +16,10 @@ import torch
 from spear_engine.config_loading import list_presets, load_config
 from spear_engine.data import Episode, RolloutBatch, Turn
 from spear_engine.envs.base import Action, Observation, StepResult, register_env
+from spear_engine.models import load_tokenizer
 from spear_engine.pipeline import score_and_filter
 from spear_engine.rollout.engine import Generation, SamplingParams
+from spear_engine.train import build as build_module
 from spear_engine.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def _turn(n_tokens: int, first_token: int, prompt: list[int]) -> Turn:
     return Turn(prompt_ids=prompt, response_ids=list(range(first_token, first_token + n_tokens)),
-                response_logp=[-0.5] * n_tokens, response_text="<think>go</think><action>go</action>",
+                rollout_log_probs=[-0.5] * n_tokens, response_text="<think>go</think><action>go</action>",
                 observation="room", action_valid=True, tool_calls=1, reward=0.0)  # fmt: skip
 
 
@@ -141,7 +143,10 @@ SCRIPTED = [
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_trains_and_admits_winning_episodes(preset: str, layout: str, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    monkeypatch.setattr(Trainer, "_engine_factory", lambda self: (lambda: AlternatingEngine(self.tokenizer), False))
+    def scripted(config, engine_name, backend, device):
+        return (lambda: AlternatingEngine(load_tokenizer(config.model.path))), False
+
+    monkeypatch.setattr(build_module, "engine_factory", scripted)
     config = load_config(preset, [*SCRIPTED, f"rollout.layout={layout}", "trainer.total_training_steps=1",
                                   f"trainer.output_dir={tmp_path}", "trainer.run_name=run"])  # fmt: skip
     trainer = Trainer(config, console=False)

@@ -8,7 +8,6 @@ rewrites the manifest with correct checksums, and records what loading it raised
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -18,20 +17,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
+from checkpoint_tampering import Payload, rewrite_manifest
 
 from spear_engine.models import load_model
 from spear_engine.rollout.weight_sync import iter_named_weights
 from spear_engine.train.backends import DeepSpeedBackend
-from spear_engine.train.checkpoint import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
+from spear_engine.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spear_engine.train.policy import FusedHeadPolicy
-
-
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def backend(shift: float) -> DeepSpeedBackend:
@@ -45,16 +37,6 @@ def backend(shift: float) -> DeepSpeedBackend:
 
 def weights(b: DeepSpeedBackend) -> dict[str, torch.Tensor]:
     return {name: t.clone() for name, t in iter_named_weights(b.hf_model, 64)}
-
-
-def rewrite_manifest(folder: Path) -> None:
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["files"] = {
-        str(p.relative_to(folder)): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def main(out: Path) -> None:

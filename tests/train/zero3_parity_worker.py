@@ -42,7 +42,7 @@ def synthetic_rows(vocab: int) -> LossRows:
 
 def shard(rows: LossRows, rank: int, world: int) -> LossRows:
     idx = torch.arange(rank, ROWS, world)
-    return LossRows(rows.inputs.select(idx), rows.old_log_probs[idx], rows.advantages[idx], rows.loss_mask[idx])
+    return LossRows(rows.inputs.select(idx), rows.old_log_prob[idx], rows.advantages[idx], rows.loss_mask[idx])
 
 
 def actor_config(world: int, mode: str) -> ActorConfig:

@@ -1,0 +1,146 @@
+"""The numbers of ``spear compare``: per arm, final eval success and area under the eval curve over
+seeds, median seconds per step and its overhead against the reference arm, the comparison at the last
+eval step every run has, and notes on anything partial or missing; and the same as plain JSON data."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from spear_engine.compare_runs import Record, Runs, common_steps, last_step, series, value_at
+from spear_engine.compare_stats import Estimate, estimate, intervals_overlap, json_float, normalised_auc
+
+EVAL_KEYS = {"sampled": "val/success_rate", "greedy": "val_greedy/success_rate"}
+TIME_KEY = "time/step"
+REFERENCE_ARM = "drbot"  # the overhead and difference reference when present, else the first arm
+
+
+def eval_summary(runs: dict[str, list[Record]], key: str, step: int | None = None) -> dict[str, Any]:
+    """Eval success of one arm's seeds that logged ``key``, in percent: the value at ``step`` (default:
+    the last step all of those seeds have an eval at) and the normalised area under each seed's curve
+    up to that step, each as mean and 95% half-width over seeds."""
+    with_eval = {seed: records for seed, records in runs.items() if series(records, key)[0]}
+    common = common_steps(with_eval.values(), key)
+    if step is None:
+        step = common[-1] if common else None
+    if step is None or step not in common:
+        return {"step": step, "seeds": sorted(with_eval), "final": None, "auc": None}
+    finals = [value_at(records, key, step) for records in with_eval.values()]
+    aucs = [normalised_auc(*series(records, key), upto=step) for records in with_eval.values()]
+    return {
+        "step": step,
+        "seeds": list(with_eval),
+        "final": estimate([v for v in finals if v is not None]).scaled(100.0),
+        "auc": estimate(aucs).scaled(100.0),
+    }
+
+
+def median_step_time(runs: dict[str, list[Record]]) -> float | None:
+    """The median of ``time/step`` over every training step (>= 1) of every seed."""
+    times = [v for records in runs.values() for s, v in zip(*series(records, TIME_KEY)) if s >= 1]
+    return statistics.median(times) if times else None
+
+
+def reference_arm(arms: Sequence[str]) -> str:
+    return REFERENCE_ARM if REFERENCE_ARM in arms else arms[0]
+
+
+
+def summarize(runs: Runs, listed: Sequence[str] = ()) -> dict[str, Any]:
+    """The comparison's numbers (success in percent, :class:`Estimate` objects where over seeds) and
+    notes on anything partial or missing. ``listed``: the arms experiment.yaml names."""
+    notes: list[str] = [f"{arm}: listed in experiment.yaml but has no runs" for arm in listed if arm not in runs]
+    for arm, seeds in runs.items():
+        notes += [f"{arm}/{seed}: no metrics logged yet, left out" for seed, r in seeds.items() if not r]
+    logged = {arm: {s: r for s, r in seeds.items() if r} for arm, seeds in runs.items()}
+    logged = {arm: seeds for arm, seeds in logged.items() if seeds}
+    arms = list(logged)
+    ref = reference_arm(arms)
+
+    table: dict[str, dict[str, Any]] = {}
+    for arm, seeds in logged.items():
+        steps_by_seed = {seed: last_step(records) for seed, records in seeds.items()}
+        row: dict[str, Any] = {
+            "seeds": list(seeds),
+            "n_seeds": len(seeds),
+            "steps_done": min(steps_by_seed.values()),
+            "steps_by_seed": steps_by_seed,
+            "sec_per_step_median": median_step_time(seeds),
+        }
+        if len(seeds) == 1:
+            notes.append(f"{arm}: one seed, no interval (n=1)")
+        if len(set(steps_by_seed.values())) > 1:
+            done = ", ".join(f"{seed} {step}" for seed, step in steps_by_seed.items())
+            notes.append(f"{arm}: seeds stopped at different steps ({done})")
+        for kind, key in EVAL_KEYS.items():
+            row[kind] = eval_summary(seeds, key)
+            missing = [seed for seed in seeds if seed not in row[kind]["seeds"]]
+            if len(missing) == len(seeds):
+                notes.append(f"{arm}: no {kind} eval logged ({key})")
+            elif missing:
+                notes.append(
+                    f"{arm}: {', '.join(missing)} logged no {kind} eval ({key}); "
+                    f"its {kind} eval numbers are over the other {len(seeds) - len(missing)} seed(s)"
+                )
+        table[arm] = row
+
+    ref_time = table[ref]["sec_per_step_median"]
+    for row in table.values():
+        own = row["sec_per_step_median"]
+        row["overhead_pct"] = (own / ref_time - 1) * 100 if own is not None and ref_time else None
+
+    # Across arms: the last eval step every run (of every arm) has, and the numbers there.
+    common: dict[str, int | None] = {}
+    for kind, key in EVAL_KEYS.items():
+        with_eval = [r for seeds in logged.values() for r in seeds.values() if series(r, key)[0]]
+        steps = common_steps(with_eval, key) if with_eval else []
+        common[kind] = steps[-1] if steps else None
+        for arm, row in table.items():
+            row.setdefault("at_common_step", {})[kind] = eval_summary(logged[arm], key, common[kind])
+    partial = any(
+        row[kind]["step"] != common[kind]
+        for row in table.values()
+        for kind in EVAL_KEYS
+        if row[kind]["final"] is not None
+    )
+    if partial:
+        at = ", ".join(f"{kind} eval at step {step}" for kind, step in common.items() if step is not None)
+        notes.append(f"arms stopped at different steps: compared at the last eval step all runs have ({at})")
+
+    differences: dict[str, dict[str, Any]] = {}
+    step = common["sampled"]
+    ref_final = table[ref]["at_common_step"]["sampled"]["final"]
+    for arm in arms:
+        if arm == ref:
+            continue
+        final = table[arm]["at_common_step"]["sampled"]["final"]
+        if final is None or ref_final is None:
+            differences[arm] = {"step": step, "mean_diff_pts": None, "intervals_overlap": None}
+        else:
+            differences[arm] = {
+                "step": step,
+                "mean_diff_pts": final.mean - ref_final.mean,
+                "intervals_overlap": intervals_overlap(final, ref_final),
+            }
+    return {
+        "arms": table,
+        "reference": ref,
+        "common_step": common,
+        "partial": partial,
+        "difference_vs_reference": differences,
+        "notes": notes,
+    }
+
+
+def to_json(value: Any) -> Any:
+    """The summary as plain JSON data: estimates as ``{mean, half_width, n}``, nan as null."""
+    if isinstance(value, Estimate):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, float):
+        return json_float(value)
+    return value
