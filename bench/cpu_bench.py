@@ -24,125 +24,21 @@ import sys
 import time
 
 import torch
-from kernels_import import import_spear_kernels
+from kernel_variants import (
+    DT,
+    add_refs_to_path,
+    compiled,
+    gemm_only,
+    make_inputs,
+    naive,
+    ours_fused,
+    ours_generic,
+)
+from kernel_variants import liger_grpo as liger
 
-sk = import_spear_kernels()
-
-DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ENT = 0.001
-
-
-def make_inputs(n, h, v, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    b, length = 8, n // 8
-    x = (torch.randn(b, length, h, generator=g) * 1.0).to(dtype)
-    w = (torch.randn(v, h, generator=g) * 0.05).to(dtype)
-    y = torch.randint(0, v, (b, length), generator=g)
-    old = -torch.rand(b, length, generator=g) * 5
-    adv = torch.randn(b, 1, generator=g).expand(b, length).contiguous()
-    mask = torch.ones(b, length)
-    return dict(x=x, w=w, y=y, old=old, adv=adv, mask=mask)
-
-
-def _ppo_loss_torch(logp, ent, old, adv, mask):
-    d = torch.clamp(logp - old, -20, 20)
-    r = torch.exp(d)
-    l1, l2 = -adv * r, -adv * torch.clamp(r, 0.8, 1.2)
-    lc = torch.maximum(l1, l2)
-    loss = torch.where(adv < 0, torch.minimum(lc, -adv * 3.0), lc)
-    den = mask.sum() + 1e-8
-    return (loss * mask).sum() / den - ENT * (ent * mask).sum() / den
-
-
-def naive(d):
-    """verl-style eager torch: full logits, fp32 upcast, log_softmax + softmax entropy, autograd."""
-    x = d["x"].requires_grad_()
-    w = d["w"].requires_grad_()
-    logits = (x @ w.t()).float()
-    logsm = torch.log_softmax(logits, -1)
-    logp = logsm.gather(-1, d["y"].unsqueeze(-1)).squeeze(-1)
-    ent = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-    _ppo_loss_torch(logp, ent, d["old"], d["adv"], d["mask"]).backward()
-    return x.grad, w.grad
-
-
-_COMPILED = {}
-
-
-def compiled(d):
-    """The same graph through torch.compile (Inductor C++ backend), compiled once per dtype."""
-    key = d["x"].dtype
-    if key not in _COMPILED:
-        def f(x, w, y, old, adv, mask):
-            logits = (x @ w.t()).float()
-            logsm = torch.log_softmax(logits, -1)
-            logp = logsm.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            ent = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-            return _ppo_loss_torch(logp, ent, old, adv, mask)
-
-        _COMPILED[key] = torch.compile(f)
-    x = d["x"].requires_grad_()
-    w = d["w"].requires_grad_()
-    _COMPILED[key](x, w, d["y"], d["old"], d["adv"], d["mask"]).backward()
-    return x.grad, w.grad
-
-
-def ours_fused(d, chunk=None):
-    """spear_kernels.fused_linear_policy_loss: backward inside the forward (6NHV), torch CPU path."""
-    x = d["x"].requires_grad_()
-    w = d["w"].requires_grad_()
-    out = sk.fused_linear_policy_loss(
-        x, w, d["y"], d["old"], d["adv"], d["mask"], loss_mode="vanilla", clip_ratio_low=0.2,
-        clip_ratio_high=0.2, clip_ratio_c=3.0, entropy_coeff=ENT, chunk_size=chunk, backend="torch",
-    )
-    out.loss.backward()
-    return x.grad, w.grad
-
-
-def ours_generic(d, chunk=None):
-    """spear_kernels.linear_logprob_entropy (autograd, recompute backward, 8NHV) + policy_loss."""
-    x = d["x"].requires_grad_()
-    w = d["w"].requires_grad_()
-    logp, ent = sk.linear_logprob_entropy(x, w, d["y"], chunk_size=chunk, backend="torch")
-    _ppo_loss_torch(logp, ent, d["old"], d["adv"], d["mask"]).backward()
-    return x.grad, w.grad
-
-
-def gemm_only(d, chunk=None):
-    """The three GEMMs of the fused path over the same chunks, nothing else (the floor on this CPU)."""
-    x = d["x"].reshape(-1, d["x"].shape[-1])
-    w = d["w"]
-    n, v = x.shape[0], w.shape[0]
-    if chunk is None:
-        chunk = max(1, min(n, (128 << 20) // (v * w.element_size())))
-    z = torch.empty(chunk, v, dtype=w.dtype)
-    dx = torch.empty_like(x)
-    dw = torch.zeros(v, x.shape[1], dtype=torch.float32)
-    for a in range(0, n, chunk):
-        xc = x[a : a + chunk]
-        zc = z[: xc.shape[0]]
-        torch.mm(xc, w.t(), out=zc)
-        torch.mm(zc, w, out=dx[a : a + chunk])
-        if w.dtype == torch.float32:
-            dw.addmm_(zc.t(), xc)
-        else:
-            dw.add_(zc.t() @ xc)
-    return dx, dw
-
-
-def liger(d):
-    """Liger-Kernel's chunked torch GRPO loss (no entropy; compiled=False, one sequence per chunk)."""
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    x = d["x"].requires_grad_()
-    w = d["w"].requires_grad_()
-    fn = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, chunk_size=1,
-                                  epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo")
-    out = fn(x, w, d["y"], d["mask"], d["adv"][:, 0], old_per_token_logps=d["old"])
-    loss = out[0] if isinstance(out, tuple) else out
-    loss.backward()
-    return x.grad, w.grad
-
+# The variant functions live in kernel_variants.py, shared with kernel_bench.py (every reference in one table
+# and a PNG) and gpu_bench.py; this script keeps its CLI and its variant names.
+add_refs_to_path()  # liger-kernel from bench/kernel_refs.sh, when installed there
 
 VARIANTS = {"gemm_only": gemm_only, "ours_fused": ours_fused, "ours_generic": ours_generic, "naive": naive,
             "compile": compiled, "liger": liger}

@@ -11,7 +11,9 @@ run under torch.cuda.set_sync_debug_mode("error") to prove they never synchronis
 
 Variants: ours (generic autograd op, 8NHV), ours fused loss in_forward (6NHV) / recompute (8NHV),
 ours fused clip_cov (stats pass + 6NHV), torch eager, torch.compile, Liger-Kernel (optional: chunked
-GRPO loss and fused linear cross-entropy), verl's Triton linear_cross_entropy (optional).
+GRPO loss, fused linear cross-entropy, fused linear scaled cross-entropy with entropy: CuTe SM90 kernel and
+torch fallback), Apple's Cut Cross-Entropy (Triton) and verl's Triton linear_cross_entropy (optional: from
+bench/kernel_refs.sh). bench/kernel_bench.py --device cuda gives the same comparison as one table + PNG.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import sys
 import time
 import traceback
 
+import kernel_variants as kv
 import torch
 from kernels_import import import_spear_kernels
 
 sk = import_spear_kernels()
+kv.add_refs_to_path()  # liger-kernel, cut-cross-entropy, verl from bench/kernel_refs.sh, when installed there
 from spear_kernels import reference as ref  # noqa: E402
 
 SHAPES = [(8192, 4096, 131072), (16384, 1536, 151936)]
@@ -232,8 +236,7 @@ def v_liger_flce(d):
 
 
 def v_verl_triton(d):
-    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
-
+    linear_cross_entropy = kv.load_verl_lce()  # full verl, or its kernel module alone (a --no-deps install)
     h = d["x"].shape[-1]
     logp, ent = linear_cross_entropy(d["x"].reshape(-1, h), d["w"], d["y"].reshape(-1), 1.0, "none")
     _ppo(logp.view(d["old"].shape), ent.view(d["old"].shape), d["old"], d["adv"], d["mask"]).backward()
@@ -260,6 +263,9 @@ VARIANTS = {
     "liger chunked GRPO (no entropy)": v_liger_grpo,
     "liger FLCE (CE only)": v_liger_flce,
     "verl triton linear_cross_entropy": v_verl_triton,
+    "liger FLSCE CuTe sm90 (logp + entropy)": kv.liger_flsce_cute,
+    "liger FLSCE torch fallback (logp + entropy)": kv.liger_flsce_torch,
+    "cce triton (per-token NLL, no entropy)": kv.cce,
 }
 
 
