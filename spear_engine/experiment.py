@@ -6,7 +6,7 @@ arm gets (model, environment, sizes, schedules, evaluation), so the arms differ 
 Per seed, one SFT warm-up is trained and saved once; every arm of that seed starts from those weights
 and shares its step-0 evaluation. Layout of the results folder::
 
-    <out>/experiment.yaml                     the experiment as run (CLI changes applied)
+    <out>/experiment.yaml                     the whole experiment (every arm and seed; CLI steps applied)
     <out>/warmup/seed<k>/                     warm-up run: metrics.jsonl, eval.json, model/ (not committed)
     <out>/runs/<arm>/seed<k>/                 one training run: config.yaml, metrics.jsonl, done.json,
                                               train.log and checkpoints/ (the last two not committed)
@@ -242,11 +242,15 @@ def run_experiment(name: str, out: str | Path, seeds: Sequence[int] | None = Non
                    report: Callable[[str], None] = print) -> list[str]:  # fmt: skip
     """Run (or continue) every warm-up and every (seed, arm) run; returns the stages that failed (the
     others still run). Seed-major order, so a partial experiment has whole seeds to compare."""
-    spec = select(load_experiment(name), seeds, arms, steps)
+    design = load_experiment(name)
+    spec = select(design, seeds, arms, steps)
     check_matched(spec, overrides)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    record = spec.model_dump(mode="json") | {"name": name, "overrides": list(overrides)}
+    # the record is the whole design (every arm and seed), not this call's selection: a run of one arm or seed
+    # must not narrow what the folder says the experiment is
+    whole = select(design, sorted(set(design.seeds) | set(spec.seeds)), None, steps)
+    record = whole.model_dump(mode="json") | {"name": name, "overrides": list(overrides)}
     (folder / "experiment.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     failed: list[str] = []
     for seed in spec.seeds:

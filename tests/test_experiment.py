@@ -161,6 +161,8 @@ def test_finished_runs_drop_their_checkpoints_unless_kept(tmp_path: Path) -> Non
                           report=lambda _: None) == []  # fmt: skip
     assert not (out / "runs" / "drbot" / "seed0" / "checkpoints").exists()
     assert (out / "runs" / "drbot" / "seed0" / "metrics.jsonl").is_file()
+    recorded = yaml.safe_load((out / "experiment.yaml").read_text())
+    assert list(recorded["arms"]) == ["drbot", "bonus-only"] and recorded["seeds"] == [0]  # not the selection
 
 
 def test_the_cli_lists_experiments_and_rejects_bad_seeds(capsys: pytest.CaptureFixture[str]) -> None:
