@@ -78,7 +78,6 @@ _CLIP_COV_LB_DEFAULT = 1.0
 _CLIP_COV_UB_DEFAULT = 5.0
 _KL_COV_RATIO_DEFAULT = 0.0002
 _PPO_KL_COEF_DEFAULT = 1.0
-_LOG_RATIO_CLAMP = 20.0
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
@@ -146,11 +145,6 @@ def global_batch_info(config: Any) -> dict[str, Any]:
     return info
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.float()
-    return torch.where(m > 0, values, torch.zeros_like(values)).mul(m).sum() / (m.sum() + 1e-8)
-
-
 def make_policy_loss(loss_mode: str, backend: Backend = "auto") -> PolicyLossFn:
     """A verl policy-loss function computing ``loss_mode`` (vanilla | clip_cov | kl_cov | gpg) with
     ``spear_kernels.policy_loss``; ``backend`` as there (``auto``: Triton for CUDA tensors)."""
@@ -175,12 +169,8 @@ def make_policy_loss(loss_mode: str, backend: Backend = "auto") -> PolicyLossFn:
             return out.loss, {}
         if loss_mode == "kl_cov":
             return out.loss, {"actor/ppo_kl": out.ppo_kl.item()}
-        if loss_mode == "vanilla":
-            # verl's vanilla ppo_kl is the mean of the *clamped* log-ratio (the kernel reports the raw one)
-            with torch.no_grad():
-                delta = (log_prob.detach().float() - old_log_prob.float()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-                ppo_kl = _masked_mean(-delta, response_mask)
-            return out.loss, {"actor/pg_clipfrac": out.pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+        if loss_mode == "vanilla":  # the kernel's ppo_kl is verl's: the mean of the clamped log-ratio
+            return out.loss, {"actor/pg_clipfrac": out.pg_clipfrac.item(), "actor/ppo_kl": out.ppo_kl.item(),
                               "actor/pg_clipfrac_lower": out.pg_clipfrac_lower.item()}  # fmt: skip
         return out.loss, {"actor/pg_clipfrac": out.pg_clipfrac.item(), "actor/ppo_kl": out.ppo_kl.item()}
 
