@@ -31,6 +31,8 @@ import torch
 from spear_engine.algorithms.kernel_dispatch import kernel_policy_loss, use_kernels
 from spear_engine.algorithms.token_ops import entropy_from_logits, masked_mean
 from spear_kernels import AGG_MODES, agg_loss, legacy_global_batch_info  # noqa: F401  (re-exported: verl API)
+from spear_kernels.loss_config import clip_ranges, loss_constants, or_fallback
+from spear_kernels.loss_config import field as _field
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
@@ -49,12 +51,6 @@ REPLAY_CLIP_COV_LB_FALLBACK = 1.0
 REPLAY_CLIP_COV_UB_FALLBACK = 40.0
 REPLAY_KL_COV_RATIO_FALLBACK = 0.8
 
-# verl's fallbacks when an on-policy constant is null (clip_cov, kl_cov).
-CLIP_COV_RATIO_FALLBACK = 0.0002
-CLIP_COV_LB_FALLBACK = 1.0
-CLIP_COV_UB_FALLBACK = 5.0
-KL_COV_RATIO_FALLBACK = 0.0002
-PPO_KL_COEF_FALLBACK = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,74 +78,37 @@ def get_policy_loss_fn(name: str) -> PolicyLossFn:
 # --------------------------------------------------------------------------------------------
 # config access (any object with attributes, optionally with .get)
 # --------------------------------------------------------------------------------------------
-def _attr(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _or(value: Any, fallback: Any) -> Any:
-    return fallback if value is None else value
-
-
 def _clip_ranges(config: Any) -> tuple[float, float]:
     """(eps_low, eps_high): ``clip_ratio_low/high``, each falling back to ``clip_ratio`` when null."""
-    clip_ratio = _attr(config, "clip_ratio")
-    low = _or(_attr(config, "clip_ratio_low"), clip_ratio)
-    high = _or(_attr(config, "clip_ratio_high"), clip_ratio)
-    if low is None or high is None:
-        raise ValueError("config needs clip_ratio (or both clip_ratio_low and clip_ratio_high)")
-    return low, high
+    ranges = clip_ranges(config)
+    return ranges["clip_ratio_low"], ranges["clip_ratio_high"]
 
 
 def _clip_ratio_c(config: Any) -> float:
     """Dual-clip constant: ``config.get("clip_ratio_c", 3.0)`` when the config has ``.get`` (verl)."""
-    getter = getattr(config, "get", None)
-    value = getter("clip_ratio_c", 3.0) if callable(getter) else getattr(config, "clip_ratio_c", 3.0)
-    if value is None or not value > 1.0:
-        raise ValueError(f"clip_ratio_c (dual-clip lower bound) must be > 1.0, got {value}")
-    return value
+    return loss_constants("vanilla", config)["clip_ratio_c"]
 
 
 def _policy_loss_cfg(config: Any) -> Any:
     if config is None:
         raise ValueError("this policy loss needs a config")
-    section = _attr(config, "policy_loss")
+    section = _field(config, "policy_loss")
     if section is None:
         raise ValueError("config.policy_loss is required by clip_cov / kl_cov")
     return section
 
 
 def kernel_loss_constants(loss_mode: str, config: Any) -> dict[str, float]:
-    """The constants of ``loss_mode`` as ``spear_kernels.policy_loss`` keywords, read from ``config`` with the
-    same fallbacks as the torch losses (for replay rows pass ``replay_loss_config(config)``)."""
-    if loss_mode == "vanilla":
-        eps_low, eps_high = _clip_ranges(config)
-        return {"clip_ratio_low": eps_low, "clip_ratio_high": eps_high, "clip_ratio_c": _clip_ratio_c(config)}
-    section = _policy_loss_cfg(config)
-    if loss_mode == "clip_cov":
-        ratio = _or(_attr(section, "clip_cov_ratio"), CLIP_COV_RATIO_FALLBACK)
-        if not ratio > 0:
-            raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
-        eps_low, eps_high = _clip_ranges(config)
-        return {"clip_ratio_low": eps_low, "clip_ratio_high": eps_high, "clip_cov_ratio": ratio,
-                "clip_cov_lb": _or(_attr(section, "clip_cov_lb"), CLIP_COV_LB_FALLBACK),
-                "clip_cov_ub": _or(_attr(section, "clip_cov_ub"), CLIP_COV_UB_FALLBACK)}  # fmt: skip
-    if loss_mode == "kl_cov":
-        ratio = _or(_attr(section, "kl_cov_ratio"), KL_COV_RATIO_FALLBACK)
-        if not ratio > 0:
-            raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio}")
-        return {"kl_cov_ratio": ratio, "ppo_kl_coef": _or(_attr(section, "ppo_kl_coef"), PPO_KL_COEF_FALLBACK)}
-    if loss_mode == "gpg":
-        return {}
-    raise ValueError(f"unknown loss_mode {loss_mode!r}")
+    """The constants of ``loss_mode`` as ``spear_kernels.policy_loss`` keywords, read from ``config`` with verl's
+    fallbacks (``spear_kernels.loss_config``; for replay rows pass ``replay_loss_config(config)``)."""
+    return loss_constants(loss_mode, config)
 
 
 def _batch_info(config: Any) -> dict[str, Any]:
     """``config.global_batch_info`` as agg_loss kwargs; missing or null means {}."""
     if config is None:
         return {}
-    return dict(_attr(config, "global_batch_info") or {})
+    return dict(_field(config, "global_batch_info") or {})
 
 
 class ConfigView:
@@ -201,10 +160,10 @@ def replay_loss_config(config: Any) -> Any:
     """
     section = _policy_loss_cfg(config)
     replay = {
-        "clip_cov_ratio": _or(_attr(section, "clip_cov_ratio_replay"), REPLAY_CLIP_COV_RATIO_FALLBACK),
-        "clip_cov_lb": _or(_attr(section, "clip_cov_lb_replay"), REPLAY_CLIP_COV_LB_FALLBACK),
-        "clip_cov_ub": _or(_attr(section, "clip_cov_ub_replay"), REPLAY_CLIP_COV_UB_FALLBACK),
-        "kl_cov_ratio": _or(_attr(section, "kl_cov_ratio_replay"), REPLAY_KL_COV_RATIO_FALLBACK),
+        "clip_cov_ratio": or_fallback(_field(section, "clip_cov_ratio_replay"), REPLAY_CLIP_COV_RATIO_FALLBACK),
+        "clip_cov_lb": or_fallback(_field(section, "clip_cov_lb_replay"), REPLAY_CLIP_COV_LB_FALLBACK),
+        "clip_cov_ub": or_fallback(_field(section, "clip_cov_ub_replay"), REPLAY_CLIP_COV_UB_FALLBACK),
+        "kl_cov_ratio": or_fallback(_field(section, "kl_cov_ratio_replay"), REPLAY_KL_COV_RATIO_FALLBACK),
     }
     return ConfigView(config, {"policy_loss": ConfigView(section, replay)})
 
