@@ -37,6 +37,8 @@ PIP_OFFLINE = ["--no-index", "--no-build-isolation", "--no-deps", "--disable-pip
 # parameter). bf16: TRL's head takes the target logit from its bf16 logits tile, spear's recomputes it in
 # fp32, so log-probs differ by up to half a bf16 ulp of the largest logit / T (see _bf16_logit_tol, ~0.02
 # here); entropies agree far closer.
+# Old log-probs are kept off the clip edges (trl_child.CLIP_EDGE_MARGIN): otherwise one token clipped by one
+# head and not the other switches its whole gradient (seen: 12 % apart at seed 473600165).
 TOL = {"float32": (1e-4, 1e-5, 1e-4), "bfloat16": (1e-2, 3e-2, 6e-2)}
 
 
@@ -116,9 +118,13 @@ def test_same_logprobs_loss_and_gradients_as_trl(trl_env: dict[str, Any]) -> Non
         for key in ("lp_abs", "lp_nobatch_abs", "ref_lp_abs"):
             assert r[key] <= tol_logit, (dtype, key, r[key], tol_logit)
         assert r["ent_abs"] <= tol_lp, (dtype, r["ent_abs"])
-        assert r["loss_rel"] <= tol_loss, (dtype, r["loss"])
+        # relative to the loss, or to the size of its terms (|advantage|) where they cancel to near zero
+        assert r["loss_abs"] <= tol_loss * max(abs(r["loss"]["trl"]), r["adv_scale"]), (dtype, r["loss"])
         assert r["grad_count"]["spear"] == r["grad_count"]["trl"] == 21
         assert r["grad_rel_max"] <= tol_grad, (dtype, sorted(r["grad_rel"].items(), key=lambda kv: -kv[1])[:3])
+        # against the same weights in float32, spear's bf16 gradients are no further off than TRL's
+        if dtype == "bfloat16":
+            assert r["grad_vs_fp32"]["spear"] <= 1.5 * r["grad_vs_fp32"]["trl"] + 0.02, r["grad_vs_fp32"]
         # both heads are as close to the exact (float64) head as their precision allows; spear's no further
         slack = 1e-5 if dtype == "float32" else 1e-3
         assert r["lp_vs_exact"]["spear"] <= 1.5 * r["lp_vs_exact"]["trl"] + slack, r["lp_vs_exact"]

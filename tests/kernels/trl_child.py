@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import re
 import sys
@@ -176,6 +177,8 @@ def _equivalence(dtype_name: str, seed: int, loss_type: str, workdir: Path, coun
     # old log-probs a little off the current policy (ratios clipped on both sides); the reference's from TRL
     g = torch.Generator().manual_seed(seed + 1)
     old = res["trl"]["lp"] + 0.3 * torch.randn(res["trl"]["lp"].shape, generator=g)
+    args = trainers["trl"].args
+    old = res["trl"]["lp"] - _off_clip_edges(res["trl"]["lp"] - old, args.epsilon, args.epsilon_high)
     inputs.update({"old_per_token_logps": old * cmask, "ref_per_token_logps": res["trl"]["ref_lp"],
                    "num_items_in_batch": cmask.sum()})  # fmt: skip
     for name, t in trainers.items():
@@ -219,11 +222,14 @@ def _equivalence(dtype_name: str, seed: int, loss_type: str, workdir: Path, coun
         "max_abs_logit": z.abs().max().item(), "temperature": temperature,
         "loss": {k: r["loss"] for k, r in res.items()}, "loss_dtype": {k: r["loss_dtype"] for k, r in res.items()},
         "loss_rel": abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12),
+        "loss_abs": abs(a["loss"] - b["loss"]), "adv_scale": inputs["advantages"].abs().mean().item(),
         "grad_count": {k: len(r["grads"]) for k, r in res.items()},
         "grad_rel": {n: rel(a["grads"][n], b["grads"][n]) for n in b["grads"]},
         "patched_grad_rel": max(rel(res["patched"]["grads"][n], a["grads"][n]) for n in a["grads"]),
     })  # fmt: skip
     out["grad_rel_max"] = max(out["grad_rel"].values())
+    if dtype == torch.bfloat16:  # how far each bf16 head is from the same weights run in float32
+        out.update(_vs_float32(trainers["trl"], path, workdir / "fp32", kw, inputs, res))
     # a micro-batch without a single completion token (all padding) still backpropagates, as with TRL's head
     t = trainers["spear"]
     empty = att.clone()
@@ -232,6 +238,39 @@ def _equivalence(dtype_name: str, seed: int, loss_type: str, workdir: Path, coun
     (lp0.sum() + ent0.sum()).backward()
     out["all_masked_ok"] = bool(lp0.abs().sum() == 0 and lp0.requires_grad)
     return out
+
+
+# log-ratios closer than this to a clip edge are moved off it: a token whose ratio sits on the edge is clipped
+# by one head and not the other when their log-probs differ by a bf16 rounding (~0.02), which switches its
+# whole gradient on or off (a discontinuity, not an error of either head)
+CLIP_EDGE_MARGIN = 0.1
+
+
+def _off_clip_edges(log_ratio: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    out = log_ratio.clone()
+    for edge in (math.log(1 - eps_low), math.log(1 + eps_high)):
+        near = (out - edge).abs() < CLIP_EDGE_MARGIN
+        out[near] = torch.where(out[near] < edge, edge - CLIP_EDGE_MARGIN, edge + CLIP_EDGE_MARGIN)
+    return out
+
+
+def _vs_float32(bf16_trainer: Any, path: str, workdir: Path, kw: dict[str, Any], inputs: dict[str, Any],
+               res: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Loss and gradients of TRL's head in float32 on the bf16 weights (upcast): the reference that both bf16
+    heads are measured against, since two bf16 computations differ from each other by their rounding."""
+    t = _trainer(GRPOTrainer, path, workdir, **{**kw, "bf16": False, "model_init_kwargs": {"dtype": "float32"}})
+    with torch.no_grad():
+        for p, q in zip(t.model.parameters(), bf16_trainer.model.parameters(), strict=True):
+            p.copy_(q.float())
+    t.current_gradient_accumulation_steps = 1
+    t.model.zero_grad(set_to_none=True)
+    loss = t._compute_loss(t.model, inputs)
+    loss.backward()
+    ref = {n: p.grad.detach() for n, p in t.model.named_parameters() if p.grad is not None}
+    ref_loss = loss.detach().double().item()
+    names = ("trl", "spear")
+    return {"grad_vs_fp32": {k: max(rel(res[k]["grads"][n], ref[n]) for n in ref) for k in names},
+            "loss_vs_fp32": {k: abs(res[k]["loss"] - ref_loss) / max(abs(ref_loss), 1e-12) for k in names}}
 
 
 def _moe(workdir: Path, counter: Counter) -> dict[str, Any]:
