@@ -16,16 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-${SPEAR_TRL_VENV:-bench/.venv-trl}}
-PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip=("$VENV/bin/python" -m pip install -q)
-torch_args=()
-if [ -n "${SPEAR_TORCH_INDEX:-}" ]; then torch_args=(--index-url "$SPEAR_TORCH_INDEX"); fi
-"$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
-  || "${pip[@]}" "${torch_args[@]}" torch==2.13.0
+# shellcheck source=bench/side_venv.sh
+source bench/side_venv.sh  # the venv, `pip`, torch 2.13.0 CPU
 pins=(torch==2.13.0 triton==3.7.1 transformers==5.19.0 accelerate==1.15.0 "numpy>=1.26,<2.4")
 want=(trl==1.16.0 liger-kernel==0.8.5 peft==0.21.2 psutil)
 if ! "$VENV/bin/python" -c "import trl, liger_kernel, peft, psutil, sys; sys.exit(0 if trl.__version__ == '1.16.0' else 1)" 2>/dev/null; then

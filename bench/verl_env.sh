@@ -17,16 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-${SPEAR_VERL_VENV:-bench/.venv-verl}}
-PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip=("$VENV/bin/python" -m pip install -q)
-torch_args=()
-if [ -n "${SPEAR_TORCH_INDEX:-}" ]; then torch_args=(--index-url "$SPEAR_TORCH_INDEX"); fi
-"$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
-  || "${pip[@]}" "${torch_args[@]}" torch==2.13.0
+# shellcheck source=bench/side_venv.sh
+source bench/side_venv.sh  # the venv, `pip`, torch 2.13.0 CPU
 deps=(torch==2.13.0 "numpy>=2.0,<2.4" packaging omegaconf==2.4.0 tensordict==0.10.0 codetiming==1.4.0 ray==2.60.0
       transformers==5.10.4)
 check="import verl, verl.trainer.ppo.core_algos, verl.workers.config, sys; sys.exit(0 if verl.__version__ == '0.9.1' else 1)"
