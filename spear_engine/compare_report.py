@@ -23,6 +23,28 @@ def _fmt_optional(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
+def _cost_table(summary: dict[str, Any]) -> list[str]:
+    """Medians over training steps: what each arm trains per step and what a token of update costs."""
+    lines = [
+        "",
+        "## Cost per step",
+        "",
+        "Medians over training steps. An arm that trains more rows (replay) costs more per step at the same "
+        "seconds per token; a step slowed by other load on the machine shows as more seconds per token.",
+        "",
+        "| arm | trained tokens / step | replay rows / step | update s / 1k trained tokens |",
+        "|---|---|---|---|",
+    ]
+    for arm, row in summary["arms"].items():
+        cost = row.get("cost") or {}
+        lines.append(
+            f"| {arm} | {_fmt_optional(cost.get('trained_tokens'), '{:.0f}')} "
+            f"| {_fmt_optional(cost.get('replay_rows'), '{:.0f}')} "
+            f"| {_fmt_optional(cost.get('update_sec_per_1k_tokens'), '{:.2f}')} |"
+        )
+    return lines
+
+
 def results_markdown(summary: dict[str, Any], title: str = "experiment") -> str:
     """The summary as a markdown report: the per-arm table, the common-step table when the arms stopped
     at different steps, the differences from the reference arm, and the notes."""
@@ -55,6 +77,7 @@ def results_markdown(summary: dict[str, Any], title: str = "experiment") -> str:
         "trapezoid mean of the eval success curve over steps 0..that step. Steps done: the fewest steps "
         "any seed of the arm reached. Median s/step: over all training steps of all seeds.",
     ]
+    lines += _cost_table(summary)
     common = summary["common_step"]
     if summary["partial"]:
         lines += [

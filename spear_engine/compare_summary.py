@@ -13,6 +13,9 @@ from spear_engine.compare_stats import Estimate, estimate, intervals_overlap, js
 
 EVAL_KEYS = {"sampled": "val/success_rate", "greedy": "val_greedy/success_rate"}
 TIME_KEY = "time/step"
+UPDATE_KEY = "time/update"
+TOKENS_KEY = "perf/real_tokens"  # tokens the update trained on (no padding), replay rows included
+REPLAY_ROWS_KEY = "actor/replay_rows"
 REFERENCE_ARM = "drbot"  # the overhead and difference reference when present, else the first arm
 
 
@@ -38,8 +41,31 @@ def eval_summary(runs: dict[str, list[Record]], key: str, step: int | None = Non
 
 def median_step_time(runs: dict[str, list[Record]]) -> float | None:
     """The median of ``time/step`` over every training step (>= 1) of every seed."""
-    times = [v for records in runs.values() for s, v in zip(*series(records, TIME_KEY)) if s >= 1]
-    return statistics.median(times) if times else None
+    return median_over_steps(runs, TIME_KEY)
+
+
+def median_over_steps(runs: dict[str, list[Record]], key: str, per: str | None = None, scale: float = 1.0) -> float | None:
+    """The median of ``key`` (divided by ``per`` and times ``scale`` where given) over every training step
+    (>= 1) of every seed that logged them."""
+    values = []
+    for records in runs.values():
+        for record in records:
+            if record.get("step", 0) < 1 or key not in record or (per is not None and not record.get(per)):
+                continue
+            values.append(record[key] * scale / (record[per] if per is not None else 1.0))
+    return statistics.median(values) if values else None
+
+
+def step_cost(runs: dict[str, list[Record]]) -> dict[str, float | None]:
+    """Where a step's time goes, as medians over training steps: trained tokens (on-policy + replay),
+    replay rows, and update seconds per 1,000 trained tokens. An arm whose steps cost more because it
+    trains more rows (replay) shows more tokens at the same seconds per token; one slowed by the machine's
+    load shows more seconds per token."""
+    return {
+        "trained_tokens": median_over_steps(runs, TOKENS_KEY),
+        "replay_rows": median_over_steps(runs, REPLAY_ROWS_KEY),
+        "update_sec_per_1k_tokens": median_over_steps(runs, UPDATE_KEY, per=TOKENS_KEY, scale=1000.0),
+    }
 
 
 def reference_arm(arms: Sequence[str]) -> str:
@@ -67,6 +93,7 @@ def summarize(runs: Runs, listed: Sequence[str] = ()) -> dict[str, Any]:
             "steps_done": min(steps_by_seed.values()),
             "steps_by_seed": steps_by_seed,
             "sec_per_step_median": median_step_time(seeds),
+            "cost": step_cost(seeds),
         }
         if len(seeds) == 1:
             notes.append(f"{arm}: one seed, no interval (n=1)")

@@ -39,6 +39,32 @@ def write_run(
     (run / "config.yaml").write_text(f"seed: {seed}\n")
 
 
+def test_cost_per_step_separates_more_rows_from_slower_tokens(tmp_path: Path) -> None:
+    """Medians over training steps of trained tokens, replay rows and update seconds per 1k tokens: an arm
+    that trains replay rows shows more tokens at the same cost per token; step 0 (the warm-up record) and
+    steps that logged no tokens are left out."""
+    per_arm = {  # arm: (step, update seconds, trained tokens, replay rows) per training step
+        "drbot": [(1, 10.0, 2000, 0), (2, 30.0, 3000, 0), (3, 12.0, 4000, 0)],
+        "spear": [(1, 20.0, 4000, 10), (2, 24.0, 6000, 30), (3, 40.0, 8000, 20), (4, 5.0, 0, 0)],
+    }
+    for arm, steps in per_arm.items():
+        run = tmp_path / "runs" / arm / "seed0"
+        run.mkdir(parents=True)
+        records = [{"step": 0, "sft/nll": 1.0, "time/update": 99.0, "perf/real_tokens": 1.0}]
+        records += [{"step": st, "time/step": sec + 1, "time/update": sec, "perf/real_tokens": tok,
+                     "actor/replay_rows": rows} for st, sec, tok, rows in steps]  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = json.loads(compare_experiment(tmp_path)["json"].read_text())
+    drbot, spear = result["arms"]["drbot"]["cost"], result["arms"]["spear"]["cost"]
+    assert drbot["trained_tokens"] == 3000 and drbot["replay_rows"] == 0
+    assert drbot["update_sec_per_1k_tokens"] == pytest.approx(5.0)  # median of 5, 10, 3
+    assert spear["trained_tokens"] == 5000  # median of 4000, 6000, 8000, 0 (step 4 logged 0 tokens)
+    assert spear["replay_rows"] == 15  # median of 10, 30, 20, 0
+    assert spear["update_sec_per_1k_tokens"] == pytest.approx(5.0)  # median of 5, 4, 5 (step 4 left out)
+    md = (tmp_path / "results.md").read_text()
+    assert "| drbot | 3000 | 0 | 5.00 |" in md and "| spear | 5000 | 15 | 5.00 |" in md
+
+
 def test_mean_ci_matches_hand_computation() -> None:
     mean, half = mean_ci([0.2, 0.4, 0.6])
     assert mean == pytest.approx(0.4)
