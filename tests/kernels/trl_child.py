@@ -39,7 +39,8 @@ _CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '
 
 
 def byte_tokenizer() -> Any:
-    """A byte-level ChatML tokenizer (259 ids), no download."""
+    """A byte-level ChatML tokenizer (259 ids), no download. The same as spear_engine.models.byte_tokenizer,
+    written again because this child runs in the TRL venv, where only spear_kernels is installed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -141,6 +142,22 @@ def make_inputs(vocab: int, rows: int, prompt: int, completion: int, seed: int) 
             "advantages": torch.randn(rows, generator=g)}  # fmt: skip
 
 
+def _sequence(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + completion ids and their attention mask, as GRPOTrainer feeds the model."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    return ids, torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+
+
+def _loss_and_grads(t: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One GRPO loss of trainer ``t`` on ``inputs`` (no accumulation), backpropagated: the loss and a copy
+    of every parameter's gradient."""
+    t.current_gradient_accumulation_steps = 1
+    t.model.zero_grad(set_to_none=True)
+    loss = t._compute_loss(t.model, inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.grad is not None}
+
+
 def _trainer(cls: Any, path: str, workdir: Path, **kw: Any) -> Any:
     return cls(model=path, reward_funcs=reward_len, args=config(workdir, **kw), train_dataset=dataset(),
                processing_class=byte_tokenizer())  # fmt: skip
@@ -160,8 +177,7 @@ def _equivalence(dtype_name: str, seed: int, loss_type: str, workdir: Path, coun
         "ref_uses_spear_head": {k: spear_trl.uses_spear_head(t.ref_model) for k, t in trainers.items()},
     }
     inputs = make_inputs(vocab, rows, prompt, completion, seed)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    ids, att = _sequence(inputs)
     cmask = inputs["completion_mask"]
     res: dict[str, dict[str, Any]] = {}
     for name, t in trainers.items():
@@ -182,15 +198,10 @@ def _equivalence(dtype_name: str, seed: int, loss_type: str, workdir: Path, coun
     inputs.update({"old_per_token_logps": old * cmask, "ref_per_token_logps": res["trl"]["ref_lp"],
                    "num_items_in_batch": cmask.sum()})  # fmt: skip
     for name, t in trainers.items():
-        t.current_gradient_accumulation_steps = 1
-        t.model.zero_grad(set_to_none=True)
         before = counter.calls
-        loss = t._compute_loss(t.model, inputs)
-        loss.backward()
-        res[name].update({"loss": loss.detach().double().item(), "loss_dtype": str(loss.dtype),
-                          "loss_kernel_calls": counter.calls - before,
-                          "grads": {n: p.grad.detach().clone() for n, p in t.model.named_parameters()
-                                    if p.grad is not None}})  # fmt: skip
+        loss, grads = _loss_and_grads(t, inputs)
+        res[name].update({"loss": loss.double().item(), "loss_dtype": str(loss.dtype),
+                          "loss_kernel_calls": counter.calls - before, "grads": grads})  # fmt: skip
     # the exact head in float64 from the hidden states both heads receive (the backbone is the same code)
     m, tr = trainers["trl"].model, trainers["trl"]
     with torch.no_grad(), tr.accelerator.autocast():
@@ -262,12 +273,8 @@ def _vs_float32(bf16_trainer: Any, path: str, workdir: Path, kw: dict[str, Any],
     with torch.no_grad():
         for p, q in zip(t.model.parameters(), bf16_trainer.model.parameters(), strict=True):
             p.copy_(q.float())
-    t.current_gradient_accumulation_steps = 1
-    t.model.zero_grad(set_to_none=True)
-    loss = t._compute_loss(t.model, inputs)
-    loss.backward()
-    ref = {n: p.grad.detach() for n, p in t.model.named_parameters() if p.grad is not None}
-    ref_loss = loss.detach().double().item()
+    loss, ref = _loss_and_grads(t, inputs)
+    ref_loss = loss.double().item()
     names = ("trl", "spear")
     return {"grad_vs_fp32": {k: max(rel(res[k]["grads"][n], ref[n]) for n in ref) for k in names},
             "loss_vs_fp32": {k: abs(res[k]["loss"] - ref_loss) / max(abs(ref_loss), 1e-12) for k in names}}
@@ -284,8 +291,7 @@ def _moe(workdir: Path, counter: Counter) -> dict[str, Any]:
     transformers.MixtralForCausalLM(config_).save_pretrained(workdir / "moe")
     byte_tokenizer().save_pretrained(workdir / "moe")
     inputs = make_inputs(131, 4, 5, 9, 5)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    ids, att = _sequence(inputs)
     got = {}
     for name, cls in (("trl", GRPOTrainer), ("spear", spear_trl.SpearGRPOTrainer)):
         t = _trainer(cls, str(workdir / "moe"), workdir / f"moe-{name}", bf16=False)
@@ -302,8 +308,7 @@ def _cast_fp32(workdir: Path, counter: Counter) -> dict[str, Any]:
     """bf16 model and autocast with GRPOConfig(cast_lm_head_to_fp32=True): both heads run in fp32."""
     path = save_model(workdir / "cast-model", 331)
     inputs = make_inputs(331, 4, 5, 9, 9)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    ids, att = _sequence(inputs)
     got = {}
     for name, cls in (("trl", GRPOTrainer), ("spear", spear_trl.SpearGRPOTrainer)):
         t = _trainer(cls, path, workdir / f"cast-{name}", bf16=True, cast_lm_head_to_fp32=True,
@@ -333,8 +338,7 @@ def _peft(workdir: Path, counter: Counter) -> dict[str, Any]:
 
     path = save_model(workdir / "peft-model", 331)
     inputs = make_inputs(331, 4, 5, 9, 7)
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    ids, att = _sequence(inputs)
     got = {}
     for name, cls in (("trl", GRPOTrainer), ("spear", spear_trl.SpearGRPOTrainer)):
         torch.manual_seed(0)  # the same LoRA initialisation
