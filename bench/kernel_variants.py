@@ -26,6 +26,7 @@ import torch
 from kernels_import import import_spear_kernels
 
 sk = import_spear_kernels()
+from spear_kernels.linear_logprob_entropy import cpu_chunk_rows  # noqa: E402  (after the import above)
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ENT = 0.001
@@ -95,7 +96,7 @@ def gemm_only(d, chunk=None):
         return z @ w, z.t() @ x
     n, v = x.shape[0], w.shape[0]
     if chunk is None:
-        chunk = max(1, min(n, (128 << 20) // (v * w.element_size())))
+        chunk = cpu_chunk_rows(n, v, w.dtype)
     z = torch.empty(chunk, v, dtype=w.dtype)
     dx = torch.empty_like(x)
     dw = torch.zeros(v, x.shape[1], dtype=torch.float32)

@@ -207,8 +207,25 @@ def _mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc32.add_(a @ b)  # one rounding of the chunk's partial product, fp32 sum across chunks
 
 
-def _default_chunk(n: int, v: int, itemsize: int, budget: int) -> int:
-    return max(1, min(n, budget // max(1, v * itemsize)))
+CHUNK_SLACK = 1.1
+"""A chunk may exceed its byte budget by this factor when that saves a chunk: 4,096 rows at a budget of
+1,365 become 3 chunks of 1,366, not 1,365 + 1,365 + 1,365 + 1 (each chunk costs a full V x H pass for dW)."""
+
+
+def balanced_chunk_rows(n: int, v: int, itemsize: int, budget: int) -> int:
+    """Rows per chunk for n rows of v logits of ``itemsize`` bytes: the fewest chunks whose logits fit
+    ``budget`` (with ``CHUNK_SLACK``), all of about the same size, so that no tiny tail chunk pays a
+    full pass over the weight for a handful of rows."""
+    if n <= 0:
+        return 1
+    cap = max(1, budget // max(1, v * itemsize))
+    chunks = max(1, -(-n // max(1, int(cap * CHUNK_SLACK))))
+    return -(-n // chunks)
+
+
+def cpu_chunk_rows(n: int, v: int, dtype: torch.dtype) -> int:
+    """Rows per chunk of the CPU path's logits buffer (128 MB budget) for n tokens over a vocabulary of v."""
+    return balanced_chunk_rows(n, v, torch.empty((), dtype=dtype).element_size(), 128 << 20)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +434,8 @@ def _chunk_for(x, w, chunk_size, triton_path):
         return max(1, int(chunk_size))
     n, v = x.shape[0], w.shape[0]
     if triton_path:  # fp32 logits + dZ workspace, ~512 MB
-        return _default_chunk(n, v, 4 + (0 if w.dtype == torch.float32 else w.element_size()), 512 << 20)
-    return _default_chunk(n, v, w.element_size(), 128 << 20)
+        return balanced_chunk_rows(n, v, 4 + (0 if w.dtype == torch.float32 else w.element_size()), 512 << 20)
+    return cpu_chunk_rows(n, v, w.dtype)
 
 
 class LinearLogprobEntropyFunction(torch.autograd.Function):

@@ -9,6 +9,7 @@ from spear_kernels import (
     linear_logprob_entropy_stats,
     linear_logprob_entropy_with_grad,
 )
+from spear_kernels.linear_logprob_entropy import CHUNK_SLACK, balanced_chunk_rows, cpu_chunk_rows
 from spear_kernels.reference import linear_logprob_entropy_ref
 
 # (logp/entropy abs tol, grad rel tol). bf16 on the torch CPU path: the CPU bf16 GEMM rounds the
@@ -128,6 +129,30 @@ def test_chunked_cpu_path_chunk_sizes_agree():
     for o in outs[1:]:
         for a, r in zip(o, outs[0]):
             torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_chunks_are_few_and_balanced(seed):
+    """Default chunking: the fewest chunks that fit the budget (with its slack), of near-equal size."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        n = int(torch.randint(1, 20_000, (1,), generator=g))
+        v = int(torch.randint(1, 200_000, (1,), generator=g))
+        itemsize = int(torch.randint(1, 9, (1,), generator=g))
+        budget = int(torch.randint(1, 1 << 28, (1,), generator=g))
+        rows = balanced_chunk_rows(n, v, itemsize, budget)
+        cap = max(1, int(max(1, budget // (v * itemsize)) * CHUNK_SLACK))
+        chunks = -(-n // rows)
+        assert 1 <= rows <= min(n, cap)
+        assert chunks == -(-n // cap)  # no more chunks than the budget forces
+        assert n - (chunks - 1) * rows >= rows - chunks  # no tiny tail chunk
+
+
+def test_default_chunk_of_4096_bf16_rows_is_three_equal_chunks():
+    """The case that motivated balancing: 4,096 bf16 rows of a 49,152 vocabulary at the 128 MB budget
+    used to be 1,365 + 1,365 + 1,365 + 1 rows."""
+    assert cpu_chunk_rows(4096, 49152, torch.bfloat16) == 1366
+    assert cpu_chunk_rows(4096, 49152, torch.float32) == 683
 
 
 def test_rejects_mismatched_dtypes():
