@@ -100,6 +100,7 @@ def gemm_only(d, chunk=None):
     z = torch.empty(chunk, v, dtype=w.dtype)
     dx = torch.empty_like(x)
     dw = torch.zeros(v, x.shape[1], dtype=torch.float32)
+    dw_chunk = torch.empty(v, x.shape[1], dtype=w.dtype)
     for a in range(0, n, chunk):
         xc = x[a : a + chunk]
         zc = z[: xc.shape[0]]
@@ -108,7 +109,7 @@ def gemm_only(d, chunk=None):
         if w.dtype == torch.float32:
             dw.addmm_(zc.t(), xc)
         else:
-            dw.add_(zc.t() @ xc)
+            dw.add_(torch.mm(zc.t(), xc, out=dw_chunk))
     return dx, dw
 
 

@@ -287,6 +287,9 @@ def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want
         dx = scratch_like(x)
         dw = torch.zeros(v, h, dtype=torch.float32)
         db = torch.zeros(v, dtype=torch.float32) if b is not None else None
+        # half weights: each chunk's dZ^T X lands here (one rounding) before its fp32 sum; one buffer for all
+        # chunks, as a fresh V x H tensor per chunk is a fresh mmap and its page faults every time
+        dw_chunk = scratch(v, h, dtype=w.dtype) if half else None
     rb = _row_block(v)
     for a in range(0, n, chunk):
         e_ = min(n, a + chunk)
@@ -319,7 +322,7 @@ def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want
         if need_grad:
             torch.mm(z, w, out=dx[a:e_])
             if half:
-                dw.add_(z.t() @ xc)
+                dw.add_(torch.mm(z.t(), xc, out=dw_chunk))
             else:
                 dw.addmm_(z.t(), xc)
             if db is not None:
