@@ -1,5 +1,6 @@
 """The report of ``spear compare``: its summary (:func:`spear_engine.compare_summary.summarize`) as
-``results.md``: the per-arm table, the common-step table, the differences from the reference arm, notes."""
+``results.md``: the per-arm table, the common-step table, the differences from the reference arm (of the
+means, and paired by seed), notes."""
 
 from __future__ import annotations
 
@@ -41,6 +42,35 @@ def _cost_table(summary: dict[str, Any]) -> list[str]:
             f"| {arm} | {_fmt_optional(cost.get('trained_tokens'), '{:.0f}')} "
             f"| {_fmt_optional(cost.get('replay_rows'), '{:.0f}')} "
             f"| {_fmt_optional(cost.get('update_sec_per_1k_tokens'), '{:.2f}')} |"
+        )
+    return lines
+
+
+def _paired_table(summary: dict[str, Any]) -> list[str]:
+    """Arm minus reference, seed by seed (same warm-up, same training games), then over seeds."""
+    paired = summary.get("paired_vs_reference") or {}
+    if not paired:
+        return []
+    ref = summary["reference"]
+    lines = [
+        "", f"## Paired by seed: arm minus {ref} (same warm-up and training games per seed), percent points", "",
+        "Per seed: the difference at the last eval step every run has, and of the AUC up to it (sampled / greedy). "
+        "Over seeds: mean ± 95% t-half-width of those differences; an interval that excludes 0 separates the arms.",
+        "", "| arm | seed | final, sampled | final, greedy | AUC, sampled | AUC, greedy |", "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for arm, kinds in paired.items():
+        sampled, greedy = kinds["sampled"], kinds["greedy"]
+        for seed in sampled["seeds"]:
+            g = greedy["per_seed"].get(seed)
+            lines.append(
+                f"| {arm} | {seed} | {sampled['per_seed'][seed]['final']:+.1f} | "
+                f"{_fmt_optional(g and g['final'], '{:+.1f}')} | {sampled['per_seed'][seed]['auc']:+.1f} | "
+                f"{_fmt_optional(g and g['auc'], '{:+.1f}')} |"
+            )
+        n = len(sampled["seeds"])
+        lines.append(
+            f"| {arm} | mean over {n} | {format_estimate(sampled['final'])} | {format_estimate(greedy['final'])} | "
+            f"{format_estimate(sampled['auc'])} | {format_estimate(greedy['auc'])} |"
         )
     return lines
 
@@ -114,6 +144,7 @@ def results_markdown(summary: dict[str, Any], title: str = "experiment") -> str:
                 f"- {arm}: {diff['mean_diff_pts']:+.1f} points ({arm} {format_estimate(final)}, "
                 f"{ref} {format_estimate(ref_final)}); 95% intervals overlap: {overlap}"
             )
+    lines += _paired_table(summary)
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines) + "\n"

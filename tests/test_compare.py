@@ -157,6 +157,38 @@ def test_table_final_auc_overhead_and_difference(tmp_path: Path) -> None:
     assert "At the common step" not in md
 
 
+def test_paired_by_seed_separates_arms_that_unpaired_intervals_cannot(tmp_path: Path) -> None:
+    """Seeds that start far apart (warm-ups at 20, 50, 80 %) and an arm 5-7 points above the reference in
+    every seed: the unpaired intervals overlap, the per-seed differences do not include 0. A seed only
+    one arm ran is left out of the pairing."""
+    starts = [0.2, 0.5, 0.8]
+    gains = [0.05, 0.06, 0.07]
+    for seed, (start, gain) in enumerate(zip(starts, gains)):
+        write_run(tmp_path, "drbot", seed, {0: start, 4: start}, steps=4, greedy={0: start, 4: start})
+        write_run(tmp_path, "spear", seed, {0: start, 4: start + gain}, steps=4, greedy={0: start, 4: start - gain})
+    write_run(tmp_path, "spear", 3, {0: 0.1, 4: 0.9}, steps=4, greedy={0: 0.1, 4: 0.9})
+    paths = compare_experiment(tmp_path)
+    result = json.loads(paths["json"].read_text())
+    assert result["difference_vs_reference"]["spear"]["intervals_overlap"] is True
+
+    paired = result["paired_vs_reference"]["spear"]
+    sampled, greedy = paired["sampled"], paired["greedy"]
+    assert sampled["step"] == 4 and sampled["seeds"] == ["seed0", "seed1", "seed2"]
+    assert [sampled["per_seed"][s]["final"] for s in sampled["seeds"]] == pytest.approx([5.0, 6.0, 7.0])
+    # differences 5, 6, 7: mean 6, sd 1, half-width t(2) / sqrt(3)
+    assert sampled["final"]["mean"] == pytest.approx(6.0)
+    assert sampled["final"]["half_width"] == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
+    assert sampled["final"]["mean"] - sampled["final"]["half_width"] > 0
+    # AUC over steps 0..4 of a line from the shared start: half the final difference
+    assert [sampled["per_seed"][s]["auc"] for s in sampled["seeds"]] == pytest.approx([2.5, 3.0, 3.5])
+    assert greedy["final"]["mean"] == pytest.approx(-6.0)
+
+    md = paths["md"].read_text()
+    assert "## Paired by seed: arm minus drbot" in md
+    assert "| spear | seed1 | +6.0 | -6.0 | +3.0 | -3.0 |" in md
+    assert f"| spear | mean over 3 | 6.0 ± {4.3027 / math.sqrt(3):.1f} |" in md
+
+
 def test_partial_runs_are_compared_at_the_last_common_eval_step(tmp_path: Path) -> None:
     # a: two seeds to step 30. b: seed0 to step 30, seed1 stopped at 20. Evals every 10 steps.
     write_run(tmp_path, "a", 0, {0: 0.0, 10: 0.2, 20: 0.4, 30: 0.6}, steps=30)
