@@ -14,7 +14,6 @@ machine's own GEMM rate measured once per process.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from functools import cache
@@ -34,24 +33,37 @@ def flop_params(model: torch.nn.Module) -> tuple[int, int]:
     return body, head_params
 
 
+GEMM_TIMINGS = 10
+"""Timed square GEMMs at start-up (after one untimed warm-up); the rate is the fastest of them."""
+
+
+def _gemm_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` products ``a @ b`` (synchronised on a GPU), the first one included."""
+    cuda = a.device.type != "cpu"
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 @cache
 def gemm_flops_per_s(dtype: torch.dtype, device: str = "cpu", size: int | None = None) -> float:
-    """The GEMM rate of this machine now: the median of five square matmuls of ``dtype`` on ``device``
-    (1024 on CPU, 8192 on a GPU), measured once per process and dtype."""
+    """The GEMM rate of this machine: the fastest of ``GEMM_TIMINGS`` square matmuls of ``dtype`` on
+    ``device`` (1024 on CPU, 8192 on a GPU), measured once per process and dtype. The fastest, not the
+    median: another job on the machine during start-up slows some of the products, and a rate measured
+    under load would put MFU above 1 once the load is gone."""
     n = size or (1024 if device == "cpu" else 8192)
     local = torch.Generator().manual_seed(0)  # never the global RNG: a seeded run must not depend on this
     a = torch.randn(n, n, generator=local).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=local).to(device=device, dtype=dtype)
-    times = []
-    for _ in range(6):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2.0 * n**3 / max(statistics.median(times[1:]), 1e-9)  # the first one warms the library up
+    times = _gemm_seconds(a, b, GEMM_TIMINGS + 1)[1:]  # the first one warms the library up
+    return 2.0 * n**3 / max(min(times), 1e-9)
 
 
 @dataclass

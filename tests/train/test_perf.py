@@ -64,6 +64,16 @@ def test_gemm_rate_is_measured_and_cached_and_leaves_the_global_rng_alone() -> N
     assert gemm_flops_per_s(torch.float32, "cpu", 96) == rate  # measured once per process
 
 
+def test_gemm_rate_is_the_fastest_timing_after_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy start-up slows some products: the rate is taken from the fastest, never from the warm-up."""
+    from spear_engine.train import perf
+
+    timings = [0.001, 0.5, 0.9, 0.02, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]  # warm-up first, then 10 timed
+    monkeypatch.setattr(perf, "_gemm_seconds", lambda a, b, repeats: timings[:repeats])
+    rate = perf.gemm_flops_per_s.__wrapped__(torch.float32, "cpu", 64)
+    assert rate == pytest.approx(2.0 * 64**3 / 0.02)  # not the warm-up's 0.001, not the median's 0.9
+
+
 @pytest.mark.parametrize("passes", ["separate_old_log_prob_padded", "old_log_prob_from_update_packed"])
 def test_trainer_reports_the_tokens_of_its_passes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: str
