@@ -54,22 +54,25 @@ def _paired_table(summary: dict[str, Any]) -> list[str]:
     ref = summary["reference"]
     lines = [
         "", f"## Paired by seed: arm minus {ref} (same warm-up and training games per seed), percent points", "",
-        "Per seed: the difference at the last eval step every run has, and of the AUC up to it (sampled / greedy). "
+        "Per seed: the difference at the last eval step every paired run of the arm and the reference has (`step`: "
+        "sampled / greedy), and of the AUC up to it. "
         "Over seeds: mean ± 95% t-half-width of those differences; an interval that excludes 0 separates the arms.",
-        "", "| arm | seed | final, sampled | final, greedy | AUC, sampled | AUC, greedy |", "|---|---|---|---|---|---|",
+        "", "| arm | seed | step | final, sampled | final, greedy | AUC, sampled | AUC, greedy |",
+        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for arm, kinds in paired.items():
         sampled, greedy = kinds["sampled"], kinds["greedy"]
+        step = f"{_fmt_optional(sampled['step'], '{}')} / {_fmt_optional(greedy['step'], '{}')}"
         for seed in sampled["seeds"]:
             g = greedy["per_seed"].get(seed)
             lines.append(
-                f"| {arm} | {seed} | {sampled['per_seed'][seed]['final']:+.1f} | "
+                f"| {arm} | {seed} | {step} | {sampled['per_seed'][seed]['final']:+.1f} | "
                 f"{_fmt_optional(g and g['final'], '{:+.1f}')} | {sampled['per_seed'][seed]['auc']:+.1f} | "
                 f"{_fmt_optional(g and g['auc'], '{:+.1f}')} |"
             )
         n = len(sampled["seeds"])
         lines.append(
-            f"| {arm} | mean over {n} | {format_estimate(sampled['final'])} | {format_estimate(greedy['final'])} | "
+            f"| {arm} | mean over {n} | {step} | {format_estimate(sampled['final'])} | {format_estimate(greedy['final'])} | "
             f"{format_estimate(sampled['auc'])} | {format_estimate(greedy['auc'])} |"
         )
     return lines

@@ -68,18 +68,17 @@ def step_cost(runs: dict[str, list[Record]]) -> dict[str, float | None]:
     }
 
 
-def paired_difference(
-    arm_runs: dict[str, list[Record]], ref_runs: dict[str, list[Record]], key: str, step: int | None
-) -> dict[str, Any]:
-    """``arm`` minus the reference arm, seed by seed, in percent points: at ``step`` and as the area under
-    the curve up to it, over the seeds both arms ran with an eval there. Every arm of a seed starts from
-    the same warm-up and plays the same training games, so the per-seed difference removes the spread
-    between seeds (a seed whose warm-up lands at 25 % and one at 39 %) that unpaired intervals carry."""
-    seeds = [
-        seed for seed in arm_runs
-        if seed in ref_runs and step is not None
-        and value_at(arm_runs[seed], key, step) is not None and value_at(ref_runs[seed], key, step) is not None
-    ]  # fmt: skip
+def paired_difference(arm_runs: dict[str, list[Record]], ref_runs: dict[str, list[Record]], key: str) -> dict[str, Any]:
+    """``arm`` minus the reference arm, seed by seed, in percent points, over the seeds both arms ran with
+    an eval: at the last eval step all of those runs have, and as the area under the curve up to it.
+    Every arm of a seed starts from the same warm-up and plays the same training games, so the per-seed
+    difference removes the spread between seeds (a seed whose warm-up lands at 25 % and one at 39 %) that
+    unpaired intervals carry. Runs of seeds the other arm lacks do not hold the step back."""
+    seeds = [s for s in arm_runs if s in ref_runs and series(arm_runs[s], key)[0] and series(ref_runs[s], key)[0]]
+    steps = common_steps([runs[s] for s in seeds for runs in (arm_runs, ref_runs)], key) if seeds else []
+    step = steps[-1] if steps else None
+    if step is None:
+        seeds = []
     if not seeds:
         return {"step": step, "seeds": [], "per_seed": {}, "final": None, "auc": None}
     per_seed = {
@@ -184,7 +183,7 @@ def summarize(runs: Runs, listed: Sequence[str] = ()) -> dict[str, Any]:
                 "intervals_overlap": intervals_overlap(final, ref_final),
             }
     paired = {
-        arm: {kind: paired_difference(logged[arm], logged[ref], key, common[kind]) for kind, key in EVAL_KEYS.items()}
+        arm: {kind: paired_difference(logged[arm], logged[ref], key) for kind, key in EVAL_KEYS.items()}
         for arm in arms
         if arm != ref
     }

@@ -159,21 +159,23 @@ def test_table_final_auc_overhead_and_difference(tmp_path: Path) -> None:
 
 def test_paired_by_seed_separates_arms_that_unpaired_intervals_cannot(tmp_path: Path) -> None:
     """Seeds that start far apart (warm-ups at 20, 50, 80 %) and an arm 5-7 points above the reference in
-    every seed: the unpaired intervals overlap, the per-seed differences do not include 0. A seed only
-    one arm ran is left out of the pairing."""
+    every seed: the per-seed differences exclude 0 (unpaired, the spread of the starts would swamp them).
+    A seed only one arm ran is left out, and a reference seed still running does not hold the paired
+    step back (the unpaired comparison waits for it)."""
     starts = [0.2, 0.5, 0.8]
     gains = [0.05, 0.06, 0.07]
     for seed, (start, gain) in enumerate(zip(starts, gains)):
         write_run(tmp_path, "drbot", seed, {0: start, 4: start}, steps=4, greedy={0: start, 4: start})
         write_run(tmp_path, "spear", seed, {0: start, 4: start + gain}, steps=4, greedy={0: start, 4: start - gain})
     write_run(tmp_path, "spear", 3, {0: 0.1, 4: 0.9}, steps=4, greedy={0: 0.1, 4: 0.9})
+    write_run(tmp_path, "drbot", 4, {0: 0.3}, steps=1, greedy={0: 0.3})  # a reference seed still at step 1
     paths = compare_experiment(tmp_path)
     result = json.loads(paths["json"].read_text())
-    assert result["difference_vs_reference"]["spear"]["intervals_overlap"] is True
+    assert result["common_step"]["sampled"] == 0  # the unpaired comparison waits for drbot seed 4
 
     paired = result["paired_vs_reference"]["spear"]
     sampled, greedy = paired["sampled"], paired["greedy"]
-    assert sampled["step"] == 4 and sampled["seeds"] == ["seed0", "seed1", "seed2"]
+    assert sampled["step"] == 4 and sampled["seeds"] == ["seed0", "seed1", "seed2"]  # seeds 3 and 4 unpaired
     assert [sampled["per_seed"][s]["final"] for s in sampled["seeds"]] == pytest.approx([5.0, 6.0, 7.0])
     # differences 5, 6, 7: mean 6, sd 1, half-width t(2) / sqrt(3)
     assert sampled["final"]["mean"] == pytest.approx(6.0)
@@ -185,8 +187,8 @@ def test_paired_by_seed_separates_arms_that_unpaired_intervals_cannot(tmp_path: 
 
     md = paths["md"].read_text()
     assert "## Paired by seed: arm minus drbot" in md
-    assert "| spear | seed1 | +6.0 | -6.0 | +3.0 | -3.0 |" in md
-    assert f"| spear | mean over 3 | 6.0 ± {4.3027 / math.sqrt(3):.1f} |" in md
+    assert "| spear | seed1 | 4 / 4 | +6.0 | -6.0 | +3.0 | -3.0 |" in md
+    assert f"| spear | mean over 3 | 4 / 4 | 6.0 ± {4.3027 / math.sqrt(3):.1f} |" in md
 
 
 def test_partial_runs_are_compared_at_the_last_common_eval_step(tmp_path: Path) -> None:
