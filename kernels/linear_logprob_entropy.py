@@ -191,8 +191,10 @@ def _triton_stats(x, w, b, labels, inv_t, z_out=None):
 _OUT_DTYPE_MM: bool | None = None
 
 
-def _mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc32 += a @ b with fp32 accumulation, for fp32 or half inputs, without an fp32 copy of a or b."""
+def _mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, product: torch.Tensor | None = None) -> None:
+    """acc32 += a @ b with fp32 accumulation, for fp32 or half inputs, without an fp32 copy of a or b.
+    ``product``: a buffer of a @ b's shape and dtype for the half fallback, reused across calls (a fresh
+    large tensor per call is a fresh mmap and its page faults every time)."""
     global _OUT_DTYPE_MM
     if a.dtype == torch.float32:
         acc32.addmm_(a, b)
@@ -204,7 +206,8 @@ def _mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             return
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
             _OUT_DTYPE_MM = False
-    acc32.add_(a @ b)  # one rounding of the chunk's partial product, fp32 sum across chunks
+    # one rounding of the chunk's partial product, fp32 sum across chunks
+    acc32.add_(a @ b if product is None else torch.mm(a, b, out=product))
 
 
 CHUNK_SLACK = 1.1
@@ -287,9 +290,7 @@ def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want
         dx = scratch_like(x)
         dw = torch.zeros(v, h, dtype=torch.float32)
         db = torch.zeros(v, dtype=torch.float32) if b is not None else None
-        # half weights: each chunk's dZ^T X lands here (one rounding) before its fp32 sum; one buffer for all
-        # chunks, as a fresh V x H tensor per chunk is a fresh mmap and its page faults every time
-        dw_chunk = scratch(v, h, dtype=w.dtype) if half else None
+        dw_chunk = scratch(v, h, dtype=w.dtype) if half else None  # each chunk's dZ^T X, for _mm_acc_
     rb = _row_block(v)
     for a in range(0, n, chunk):
         e_ = min(n, a + chunk)
@@ -321,10 +322,7 @@ def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want
                 zr.copy_(zf)
         if need_grad:
             torch.mm(z, w, out=dx[a:e_])
-            if half:
-                dw.add_(torch.mm(z.t(), xc, out=dw_chunk))
-            else:
-                dw.addmm_(z.t(), xc)
+            _mm_acc_(dw, z.t(), xc, dw_chunk)
             if db is not None:
                 db.add_(z.sum(0, dtype=torch.float32))
     if saved is not None:

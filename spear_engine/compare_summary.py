@@ -76,11 +76,9 @@ def paired_difference(arm_runs: dict[str, list[Record]], ref_runs: dict[str, lis
     unpaired intervals carry. Runs of seeds the other arm lacks do not hold the step back."""
     seeds = [s for s in arm_runs if s in ref_runs and series(arm_runs[s], key)[0] and series(ref_runs[s], key)[0]]
     steps = common_steps([runs[s] for s in seeds for runs in (arm_runs, ref_runs)], key) if seeds else []
-    step = steps[-1] if steps else None
-    if step is None:
-        seeds = []
-    if not seeds:
-        return {"step": step, "seeds": [], "per_seed": {}, "final": None, "auc": None}
+    if not steps:
+        return {"step": None, "seeds": [], "per_seed": {}, "final": None, "auc": None}
+    step = steps[-1]
     per_seed = {
         seed: {
             "final": 100.0 * (value_at(arm_runs[seed], key, step) - value_at(ref_runs[seed], key, step)),
