@@ -287,6 +287,7 @@ def run_spear(words: list[str], command: str, monkeypatch: pytest.MonkeyPatch, c
         run_train(args, _run_name(command), monkeypatch, capsys)
         return
     if sub == "compare":  # the committed results folder, its outputs written here
+        assert args, f"README writes `{command}` without the results folder it compares"
         args = [str(REPO / args[0]), *args[1:], "--out", str(Path.cwd() / "compare")]
     code = cli.main([sub, *args, *SUBCOMMAND_SHRINK.get(sub, [])])
     out, err = capsys.readouterr()
