@@ -16,32 +16,29 @@ Traps avoided: W is streamed once per large token chunk (never per small one); d
 fp32 across chunks (one final cast), and on the Triton recompute path it is written exactly once per
 vocabulary slice (vocab-outer loop, the GEMM reduces over all tokens); no fp32 atomics.
 
-CPU (torch) design: per token chunk one GEMM writes the chunk's logits, then a loop over row blocks
-small enough to stay in cache computes the statistics and turns the logits into dZ *in place*, then two
-GEMMs give dX (written once) and dW (``addmm_`` into the fp32 accumulator). Extra memory: one logits
-chunk + the fp32 dW accumulator.
+The CPU (torch) path is ``linear_cpu``: one GEMM per token chunk, an fp32 epilogue that turns the
+logits into dZ in place (eager, or compiled by inductor under ``backend="torch_compile"``), two GEMMs
+for dX and dW. This module holds the op's entry points, its chunk sizing and the Triton path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from .logprob_entropy import torch_row_grad_, torch_row_stats_, triton_row_grad
+from .linear_cpu import GradFn, torch_pass
+from .logprob_entropy import triton_row_grad
 from .utils import (
     HAS_TRITON,
     Backend,
+    backend_choice,
     check_float,
     check_written,
     interpreting,
+    mm_acc_,
     scratch,
     scratch_like,
     use_triton,
 )
-
-GradFn = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""grad_fn(start, end, logp, entropy) -> (dL/dlogp, dL/dentropy) for flattened tokens [start, end)."""
 
 if HAS_TRITON:
     import triton
@@ -188,28 +185,6 @@ def _triton_stats(x, w, b, labels, inv_t, z_out=None):
     return _merge_partials(part[0], part[1], part[2], part[3], labels, v)
 
 
-_OUT_DTYPE_MM: bool | None = None
-
-
-def _mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, product: torch.Tensor | None = None) -> None:
-    """acc32 += a @ b with fp32 accumulation, for fp32 or half inputs, without an fp32 copy of a or b.
-    ``product``: a buffer of a @ b's shape and dtype for the half fallback, reused across calls (a fresh
-    large tensor per call is a fresh mmap and its page faults every time)."""
-    global _OUT_DTYPE_MM
-    if a.dtype == torch.float32:
-        acc32.addmm_(a, b)
-        return
-    if _OUT_DTYPE_MM is not False and a.is_cuda:
-        try:  # torch >= 2.8 on CUDA: bf16 GEMM with fp32 output, accumulated into acc32 by the GEMM itself
-            torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
-            _OUT_DTYPE_MM = True
-            return
-        except (RuntimeError, TypeError, ValueError, NotImplementedError):
-            _OUT_DTYPE_MM = False
-    # one rounding of the chunk's partial product, fp32 sum across chunks
-    acc32.add_(a @ b if product is None else torch.mm(a, b, out=product))
-
-
 CHUNK_SLACK = 1.1
 """A chunk may exceed its byte budget by this factor when that saves a chunk: 4,096 rows at a budget of
 1,365 become 3 chunks of 1,366, not 1,365 + 1,365 + 1,365 + 1 (each chunk costs a full V x H pass for dW)."""
@@ -229,109 +204,6 @@ def balanced_chunk_rows(n: int, v: int, itemsize: int, budget: int) -> int:
 def cpu_chunk_rows(n: int, v: int, dtype: torch.dtype) -> int:
     """Rows per chunk of the CPU path's logits buffer (128 MB budget) for n tokens over a vocabulary of v."""
     return balanced_chunk_rows(n, v, torch.empty((), dtype=dtype).element_size(), 128 << 20)
-
-
-# ----------------------------------------------------------------------------------------------
-# CPU / torch path
-
-
-def _torch_chunk_logits(xc, w, b, inv_t, zbuf):
-    """Logits / T of one token chunk into zbuf (fp32 for fp32 weights, the weight dtype otherwise)."""
-    c = xc.shape[0]
-    z = zbuf[:c]
-    if b is None:
-        torch.mm(xc, w.t(), out=z)
-        if inv_t != 1.0 and z.dtype == torch.float32:
-            z.mul_(inv_t)
-    else:
-        torch.addmm(b, xc, w.t(), out=z)
-        if inv_t != 1.0 and z.dtype == torch.float32:
-            z.mul_(inv_t)
-    return z
-
-
-def _exact_target_logits(xc, w, b, labels, inv_t):
-    """fp32 target logit (the bf16 GEMM rounds the logits; the target term of logp must not be)."""
-    v = w.shape[0]
-    ok = (labels >= 0) & (labels < v)
-    safe = torch.where(ok, labels, torch.zeros_like(labels)).long()
-    zy = torch.linalg.vecdot(xc.float(), w[safe].float())
-    if b is not None:
-        zy = zy + b[safe].float()
-    return zy * inv_t
-
-
-ROW_BLOCK_BYTES = 4 << 20
-"""fp32 bytes of logits per row block of the CPU epilogue: small enough to stay in cache, large enough
-that each torch op amortises its thread-pool dispatch (on a busy 2-core VM that costs ~1 ms an op)."""
-
-
-def _row_block(v: int) -> int:
-    return max(1, ROW_BLOCK_BYTES // (4 * v)) if v else 1
-
-
-def _torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want_grad=True):
-    """The CPU chunk loop shared by the three uses.
-
-    * stats only (``grad_fn`` and ``saved`` None): returns (logp, entropy, lse).
-    * loss-fused (``grad_fn``): stats and dZ from the same live logits, returns also dX, dW, db.
-    * recompute backward (``saved`` = (lse, entropy, g_lp, g_H)): returns dX, dW, db.
-    """
-    n, h = x.shape
-    v = w.shape[0]
-    half = w.dtype != torch.float32
-    zbuf = scratch(min(chunk, n), v, dtype=w.dtype)
-    need_grad = want_grad and (grad_fn is not None or saved is not None)
-    if saved is None:
-        logp = scratch(n, dtype=torch.float32)
-        ent = scratch(n, dtype=torch.float32)
-        lse = scratch(n, dtype=torch.float32)
-    if need_grad:
-        dx = scratch_like(x)
-        dw = torch.zeros(v, h, dtype=torch.float32)
-        db = torch.zeros(v, dtype=torch.float32) if b is not None else None
-        dw_chunk = scratch(v, h, dtype=w.dtype) if half else None  # each chunk's dZ^T X, for _mm_acc_
-    rb = _row_block(v)
-    for a in range(0, n, chunk):
-        e_ = min(n, a + chunk)
-        xc = x[a:e_]
-        lab = labels[a:e_]
-        z = _torch_chunk_logits(xc, w, b, inv_t, zbuf)
-        zy = _exact_target_logits(xc, w, b, lab, inv_t) if half and saved is None else None
-        for r in range(0, e_ - a, rb):
-            r2 = min(e_ - a, r + rb)
-            zr = z[r:r2]
-            zf = zr.float() if half else zr
-            if half and inv_t != 1.0:
-                zf.mul_(inv_t)
-            lr = lab[r:r2]
-            if saved is None:
-                lp, en, ls, ex, s, t = torch_row_stats_(zf, lr, None if zy is None else zy[r:r2])
-                logp[a + r : a + r2], ent[a + r : a + r2], lse[a + r : a + r2] = lp, en, ls
-                if grad_fn is None or not need_grad:
-                    continue
-                g_lp, g_h = grad_fn(a + r, a + r2, lp, en)
-            else:
-                s_lse, s_ent, s_glp, s_gh = (u[a + r : a + r2] for u in saved)
-                zf.sub_(s_lse.unsqueeze(1))
-                ex = torch.exp(zf)
-                s, t = torch.ones_like(s_lse), -s_ent
-                g_lp, g_h = s_glp, s_gh
-            torch_row_grad_(zf, ex, s, t, lr, g_lp, g_h, inv_t)
-            if half:
-                zr.copy_(zf)
-        if need_grad:
-            torch.mm(z, w, out=dx[a:e_])
-            _mm_acc_(dw, z.t(), xc, dw_chunk)
-            if db is not None:
-                db.add_(z.sum(0, dtype=torch.float32))
-    if saved is not None:
-        check_written("linear_logprob_entropy torch backward", dx=dx)
-        return dx, dw, db
-    check_written("linear_logprob_entropy torch pass", logp=logp, entropy=ent, lse=lse, dx=dx if need_grad else None)
-    if grad_fn is None or not need_grad:
-        return logp, ent, lse
-    return logp, ent, lse, dx, dw, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +243,7 @@ def _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, inv_t):
         )
         check_written("linear_logprob_entropy dZ kernel", dz=dz)
         torch.mm(dz.t(), x, out=dw[v0:v1])  # GEMM reduces over all N in fp32, one rounding
-        _mm_acc_(dx32, dz, w[v0:v1])
+        mm_acc_(dx32, dz, w[v0:v1])
         if db is not None:
             db[v0:v1] = dz.sum(0, dtype=torch.float32)
     check_written("linear_logprob_entropy recompute backward", dw=dw, db=db)
@@ -402,7 +274,7 @@ def _triton_fused(x, w, b, labels, inv_t, chunk, grad_fn):
         triton_row_grad(z, lab, ls, en, g_lp.float().contiguous(), g_h.float().contiguous(), inv_t, dz, z_scale=1.0)
         check_written("linear_logprob_entropy row-grad kernel", dz=dz)
         torch.mm(dz, w, out=dx[a:e_])
-        _mm_acc_(dw, dz.t(), xc)
+        mm_acc_(dw, dz.t(), xc)
         if db is not None:
             db.add_(dz.sum(0, dtype=torch.float32))
     check_written("linear_logprob_entropy fused pass", logp=logp, entropy=ent, lse=lse, dx=dx)
@@ -443,14 +315,14 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
     """Generic op: forward keeps (lse, entropy); backward recomputes logits per chunk / vocab slice."""
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, temperature, chunk, triton_path):
+    def forward(ctx, x, w, b, labels, temperature, chunk, triton_path, compiled):
         inv_t = 1.0 / temperature
         if triton_path:
             logp, ent, lse = _triton_stats(x, w, b, labels, inv_t)
         else:
-            logp, ent, lse = _torch_pass(x, w, b, labels, inv_t, chunk)
+            logp, ent, lse = torch_pass(x, w, b, labels, inv_t, chunk, compiled=compiled)
         ctx.save_for_backward(x, w, b, labels, lse, ent)
-        ctx.inv_t, ctx.chunk, ctx.triton_path = inv_t, chunk, triton_path
+        ctx.inv_t, ctx.chunk, ctx.triton_path, ctx.compiled = inv_t, chunk, triton_path, compiled
         return logp, ent
 
     @staticmethod
@@ -462,8 +334,9 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         if ctx.triton_path:
             dx, dw, db = _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, ctx.inv_t)
         else:
-            dx, dw, db = _torch_pass(x, w, b, labels, ctx.inv_t, ctx.chunk, saved=(lse, ent, g_lp, g_h))
-        return dx, dw.to(w.dtype), None if db is None else db.to(b.dtype), None, None, None, None
+            saved = (lse, ent, g_lp, g_h)
+            dx, dw, db = torch_pass(x, w, b, labels, ctx.inv_t, ctx.chunk, saved=saved, compiled=ctx.compiled)
+        return dx, dw.to(w.dtype), None if db is None else db.to(b.dtype), None, None, None, None, None
 
 
 def linear_logprob_entropy(
@@ -481,7 +354,8 @@ def linear_logprob_entropy(
         hidden: [..., H] fp32 / bf16 / fp16. weight: [V, H] (lm_head), same dtype. bias: optional [V].
         labels: [...] target ids; ids outside [0, V) give logp 0 and no logp gradient.
         chunk_size: tokens per chunk (bounds the live logits to chunk·V); default from a memory budget.
-        backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, chunked torch on CPU), "triton", "torch" or "torch_compile"
+            (the torch path with its CPU epilogue compiled by inductor).
 
     Returns:
         (logp, entropy): float32 [...], differentiable w.r.t. hidden, weight and bias with arbitrary
@@ -490,7 +364,8 @@ def linear_logprob_entropy(
     x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
     tp = use_triton(x, backend)
     chunk = _chunk_for(x, w, chunk_size, tp)
-    logp, ent = LinearLogprobEntropyFunction.apply(x, w, b, lab, float(temperature), chunk, tp)
+    compiled = backend_choice(backend) == "torch_compile"
+    logp, ent = LinearLogprobEntropyFunction.apply(x, w, b, lab, float(temperature), chunk, tp, compiled)
     return logp.view(labels.shape), ent.view(labels.shape)
 
 
@@ -520,25 +395,27 @@ def linear_logprob_entropy_with_grad(
     tp = use_triton(x, backend)
     chunk = _chunk_for(x, w, chunk_size, tp)
     inv_t = 1.0 / float(temperature)
+    compiled = backend_choice(backend) == "torch_compile"
     with torch.no_grad():
         if mode == "recompute":
             if tp:
                 logp, ent, lse = _triton_stats(x, w, b, lab, inv_t)
             else:
-                logp, ent, lse = _torch_pass(x, w, b, lab, inv_t, chunk)
+                logp, ent, lse = torch_pass(x, w, b, lab, inv_t, chunk, compiled=compiled)
             g_lp, g_h = grad_fn(0, x.shape[0], logp, ent)
             g_lp, g_h = g_lp.float().contiguous(), g_h.float().contiguous()
             if tp:
                 dx, dw, db = _triton_recompute_backward(x, w, b, lab, lse, ent, g_lp, g_h, inv_t)
             else:
-                dx, dw, db = _torch_pass(x, w, b, lab, inv_t, chunk, saved=(lse, ent, g_lp, g_h))
+                saved = (lse, ent, g_lp, g_h)
+                dx, dw, db = torch_pass(x, w, b, lab, inv_t, chunk, saved=saved, compiled=compiled)
             return logp, ent, dx, dw, db
         if mode != "in_forward":
             raise ValueError(f"mode must be 'in_forward' or 'recompute', got {mode!r}")
         if tp:
             logp, ent, _lse, dx, dw, db = _triton_fused(x, w, b, lab, inv_t, chunk, grad_fn)
         else:
-            logp, ent, _lse, dx, dw, db = _torch_pass(x, w, b, lab, inv_t, chunk, grad_fn=grad_fn)
+            logp, ent, _lse, dx, dw, db = torch_pass(x, w, b, lab, inv_t, chunk, grad_fn=grad_fn, compiled=compiled)
         return logp, ent, dx, dw, db
 
 
@@ -559,5 +436,6 @@ def linear_logprob_entropy_stats(
         if tp:
             logp, ent, _ = _triton_stats(x, w, b, lab, 1.0 / float(temperature))
         else:
-            logp, ent, _ = _torch_pass(x, w, b, lab, 1.0 / float(temperature), chunk)
+            compiled = backend_choice(backend) == "torch_compile"
+            logp, ent, _ = torch_pass(x, w, b, lab, 1.0 / float(temperature), chunk, compiled=compiled)
     return logp.view(labels.shape), ent.view(labels.shape)

@@ -4,8 +4,9 @@ Dispatch rule: CUDA tensors run the Triton kernels, CPU tensors run a chunked to
 path with bounded memory. ``SPEAR_KERNELS_BACKEND=triton`` (or ``backend="triton"`` on an entry point)
 forces the Triton kernels on CPU tensors too; that only works under ``TRITON_INTERPRET=1`` set before
 this package is imported, which is how the tests exercise the kernels without a GPU.
-``SPEAR_KERNELS_BACKEND=torch`` forces the torch path everywhere. It is the project's one backend
-switch: spear_engine reads the same variable (through :func:`use_triton`).
+``SPEAR_KERNELS_BACKEND=torch`` forces the torch path everywhere; ``torch_compile`` does too, with the
+fused linear op's CPU epilogue compiled by inductor. It is the project's one backend switch: spear_engine
+reads the same variable (through :func:`use_triton`).
 
 Loss aggregation (verl 0.9 ``agg_loss``, with the global token / sequence counts data-parallel ranks
 need) is defined once, here: :func:`agg_loss` (the scalar) and :func:`agg_scale` (the same as per-token
@@ -29,7 +30,9 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     triton = None
     HAS_TRITON = False
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "torch", "torch_compile"]
+"""``torch_compile``: the torch path, with the fused linear op's CPU epilogue compiled by inductor
+(``linear_cpu``); everything else runs as under ``torch``."""
 
 BACKEND_ENV = "SPEAR_KERNELS_BACKEND"
 POISON_ENV = "SPEAR_KERNELS_POISON"
@@ -52,10 +55,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def backend_choice(backend: Backend | None = "auto") -> str:
+    """The backend in force: ``backend`` unless it is "auto" / None, else ``SPEAR_KERNELS_BACKEND``."""
+    choice = backend if backend not in (None, "auto") else os.environ.get(BACKEND_ENV, "auto")
+    if choice not in ("auto", "triton", "torch", "torch_compile"):
+        raise ValueError(f"unknown backend {choice!r}; expected 'auto', 'triton', 'torch' or 'torch_compile'")
+    return choice
+
+
 def use_triton(t: torch.Tensor, backend: Backend | None = "auto") -> bool:
     """Pick the implementation for a tensor: Triton on CUDA, chunked torch on CPU, unless forced."""
-    choice = backend if backend not in (None, "auto") else os.environ.get(BACKEND_ENV, "auto")
-    if choice == "torch":
+    choice = backend_choice(backend)
+    if choice in ("torch", "torch_compile"):
         return False
     if choice == "triton":
         if not HAS_TRITON:
@@ -65,8 +76,6 @@ def use_triton(t: torch.Tensor, backend: Backend | None = "auto") -> bool:
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before spear_kernels is imported"
             )
         return True
-    if choice != "auto":
-        raise ValueError(f"unknown backend {choice!r}; expected 'auto', 'triton' or 'torch'")
     return t.device.type == "cuda" and HAS_TRITON
 
 
@@ -292,3 +301,25 @@ def legacy_global_batch_info(loss_agg_mode: str, response_mask: torch.Tensor) ->
     if loss_agg_mode == "seq-mean-token-sum-norm":
         return {"global_batch_size": 1}
     raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode!r}; expected one of {list(AGG_MODES)}")
+
+
+_OUT_DTYPE_MM: bool | None = None
+
+
+def mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, product: torch.Tensor | None = None) -> None:
+    """acc32 += a @ b with fp32 accumulation, for fp32 or half inputs, without an fp32 copy of a or b.
+    ``product``: a buffer of a @ b's shape and dtype for the half fallback, reused across calls (a fresh
+    large tensor per call is a fresh mmap and its page faults every time)."""
+    global _OUT_DTYPE_MM
+    if a.dtype == torch.float32:
+        acc32.addmm_(a, b)
+        return
+    if _OUT_DTYPE_MM is not False and a.is_cuda:
+        try:  # torch >= 2.8 on CUDA: bf16 GEMM with fp32 output, accumulated into acc32 by the GEMM itself
+            torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
+            _OUT_DTYPE_MM = True
+            return
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            _OUT_DTYPE_MM = False
+    # one rounding of the chunk's partial product, fp32 sum across chunks
+    acc32.add_(a @ b if product is None else torch.mm(a, b, out=product))

@@ -1,3 +1,4 @@
+import importlib
 import itertools
 
 import pytest
@@ -12,12 +13,16 @@ from spear_kernels import (
 from spear_kernels.linear_logprob_entropy import CHUNK_SLACK, balanced_chunk_rows, cpu_chunk_rows
 from spear_kernels.reference import linear_logprob_entropy_ref
 
+linear_cpu = importlib.import_module("spear_kernels.linear_cpu")
+
 # (logp/entropy abs tol, grad rel tol). bf16 on the torch CPU path: the CPU bf16 GEMM rounds the
 # logits to bf16 (as torch eager does); the target logit is recomputed in fp32. Triton keeps fp32 logits.
 TOL = {
     ("torch", torch.float32): (5e-5, 5e-5),
     ("triton", torch.float32): (5e-5, 5e-5),
     ("torch", torch.bfloat16): (6e-2, 3e-2),
+    ("torch_compile", torch.float32): (5e-5, 5e-5),
+    ("torch_compile", torch.bfloat16): (6e-2, 3e-2),
     ("triton", torch.bfloat16): (5e-5, 2e-2),
 }
 N, H, V = 45, 40, 700  # N, V not multiples of any block or chunk
@@ -44,10 +49,21 @@ def _backend_of(p):
     return p if isinstance(p, str) else p.values[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+LINEAR_BACKENDS = [*BACKENDS, "torch_compile"]
+"""The fused linear op also has the torch path with its CPU epilogue compiled by inductor."""
+
+
+def _needs_inductor(backend) -> None:
+    """Skip, with inductor's reason, where backend is torch_compile and inductor cannot build here."""
+    if _backend_of(backend) == "torch_compile" and (why := linear_cpu.compiled_epilogue_unavailable()):
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("bias", "temperature"), [(False, 1.0), (True, 0.7)])
 def test_autograd_matches_oracle(backend, dtype, bias, temperature):
+    _needs_inductor(backend)
     x, w, b, y = _inputs(dtype, bias)
     gl, gh = torch.randn(N), torch.randn(N)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -65,10 +81,11 @@ def test_autograd_matches_oracle(backend, dtype, bias, temperature):
         assert rel_err(bs.grad, gb) < gt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("mode", ["in_forward", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_with_grad_matches_oracle(backend, mode, dtype):
+    _needs_inductor(backend)
     x, w, b, y = _inputs(dtype, bias=True)
     gl, gh = torch.randn(N), torch.randn(N)
     calls = []
@@ -90,8 +107,9 @@ def test_with_grad_matches_oracle(backend, mode, dtype):
     assert all(a[1] == b_[0] for a, b_ in itertools.pairwise(covered))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_extreme_hidden_no_nan(backend):
+    _needs_inductor(backend)
     x, w, _b, y = _inputs(torch.float32, bias=False, n=8, v=300)
     x[0] *= 1e3  # logits of order ±1e4
     x[1] = 0.0  # uniform row
@@ -105,8 +123,9 @@ def test_extreme_hidden_no_nan(backend):
     assert (h.double() - hr).abs().max().item() < 1e-2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_stats_and_leading_dims(backend):
+    _needs_inductor(backend)
     x = torch.randn(2, 7, 24)
     w = torch.randn(333, 24) * 0.3
     y = torch.randint(0, 333, (2, 7))
@@ -160,3 +179,36 @@ def test_rejects_mismatched_dtypes():
         linear_logprob_entropy(torch.randn(3, 4), torch.randn(5, 4).bfloat16(), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError):
         linear_logprob_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_torch_compile_without_inductor_warns_and_runs_the_eager_epilogue(monkeypatch):
+    """A machine where inductor cannot build (no C++ compiler): a RuntimeWarning that says so, and the eager
+    epilogue's numbers (and gradients), not an exception halfway through a training step."""
+
+    def no_compiler(fn, **_):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+
+        return fail
+
+    x, w, b, y = _inputs(torch.float32, bias=True)
+    gl, gh = torch.randn(N), torch.randn(N)
+    linear_cpu._inductor_epilogue.cache_clear()
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    try:
+        assert "no C++ compiler found" in linear_cpu.compiled_epilogue_unavailable()
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*eager epilogue"):
+            got = linear_logprob_entropy_with_grad(x, w, y, lambda i, j, *_: (gl[i:j], gh[i:j]), b, chunk_size=16,
+                                                   backend="torch_compile")
+    finally:
+        linear_cpu._inductor_epilogue.cache_clear()
+    want = linear_logprob_entropy_with_grad(x, w, y, lambda i, j, *_: (gl[i:j], gh[i:j]), b, chunk_size=16,
+                                            backend="torch")
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
+def test_backend_names_are_checked():
+    x, w, _b, y = _inputs(torch.float32, bias=False)
+    with pytest.raises(ValueError, match="torch_compile"):
+        linear_logprob_entropy_stats(x, w, y, backend="inductor")
