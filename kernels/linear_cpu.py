@@ -105,11 +105,12 @@ def _inductor_epilogue() -> tuple[Callable, Callable] | str:
     stats = torch.compile(chunk_stats, dynamic=True)
     grad = torch.compile(chunk_grad_, dynamic=True)
     try:
-        z = torch.zeros(3, 5)
-        one = torch.tensor(1.0)
-        lab = torch.zeros(3, dtype=torch.long)
-        _, _, _, m, s, t = stats(z, lab, torch.zeros(3), one)
-        grad(z, lab, m, s, t, torch.zeros(3), torch.zeros(3), one, one)
+        with torch.no_grad():  # as the op's own calls run: the same dynamo guards, no second compile
+            z = torch.zeros(3, 5)
+            one = torch.tensor(1.0)
+            lab = torch.zeros(3, dtype=torch.long)
+            _, _, _, m, s, t = stats(z, lab, torch.zeros(3), one)
+            grad(z, lab, m, s, t, torch.zeros(3), torch.zeros(3), one, one)
     except Exception as e:  # inductor's failures (no compiler, a backend error) share no base class
         first_line = str(e).splitlines()[0] if str(e) else ""
         return f"inductor could not compile the CPU epilogue ({type(e).__name__}: {first_line})"
