@@ -212,3 +212,25 @@ def test_backend_names_are_checked():
     x, w, _b, y = _inputs(torch.float32, bias=False)
     with pytest.raises(ValueError, match="torch_compile"):
         linear_logprob_entropy_stats(x, w, y, backend="inductor")
+
+
+def test_env_switch_selects_the_compiled_epilogue(monkeypatch):
+    """SPEAR_KERNELS_BACKEND=torch_compile (how training on CPU opts in) reaches the op's default backend."""
+    _needs_inductor("torch_compile")
+    calls = []
+    compiled_chunk = linear_cpu._compiled_chunk
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return compiled_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(linear_cpu, "_compiled_chunk", spy)
+    x, w, _b, y = _inputs(torch.float32, bias=False)
+    monkeypatch.setenv("SPEAR_KERNELS_BACKEND", "torch_compile")
+    compiled = linear_logprob_entropy_stats(x, w, y, chunk_size=16)
+    assert len(calls) == 3  # 45 rows in chunks of 16
+    monkeypatch.setenv("SPEAR_KERNELS_BACKEND", "torch")
+    eager = linear_logprob_entropy_stats(x, w, y, chunk_size=16)
+    assert len(calls) == 3
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=5e-5, rtol=1e-5)
