@@ -23,6 +23,8 @@ for dX and dW. This module holds the op's entry points, its chunk sizing and the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .linear_cpu import GradFn, torch_pass
@@ -311,18 +313,48 @@ def _chunk_for(x, w, chunk_size, triton_path):
     return cpu_chunk_rows(n, v, w.dtype)
 
 
+class _Call(NamedTuple):
+    """One call of the op, flattened and dispatched: inputs [N, H] / [V, H] / [N] / [V], 1/T, the path."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    labels: torch.Tensor
+    b: torch.Tensor | None
+    inv_t: float
+    chunk: int
+    triton: bool
+    compiled: bool
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logp, entropy, lse) per token, no gradient."""
+        if self.triton:
+            return _triton_stats(self.x, self.w, self.b, self.labels, self.inv_t)
+        return torch_pass(self.x, self.w, self.b, self.labels, self.inv_t, self.chunk, compiled=self.compiled)
+
+    def recompute_backward(self, lse, ent, g_lp, g_h):
+        """(dX, dW, db) from the saved (lse, entropy) and the upstream gradients."""
+        if self.triton:
+            return _triton_recompute_backward(self.x, self.w, self.b, self.labels, lse, ent, g_lp, g_h, self.inv_t)
+        saved = (lse, ent, g_lp, g_h)
+        return torch_pass(self.x, self.w, self.b, self.labels, self.inv_t, self.chunk, saved=saved,
+                          compiled=self.compiled)  # fmt: skip
+
+
+def _plan(hidden, weight, labels, bias, temperature, chunk_size, backend) -> _Call:
+    x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
+    tp = use_triton(x, backend)
+    compiled = not tp and backend_choice(backend) == "torch_compile"
+    return _Call(x, w, lab, b, 1.0 / float(temperature), _chunk_for(x, w, chunk_size, tp), tp, compiled)
+
+
 class LinearLogprobEntropyFunction(torch.autograd.Function):
     """Generic op: forward keeps (lse, entropy); backward recomputes logits per chunk / vocab slice."""
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, temperature, chunk, triton_path, compiled):
-        inv_t = 1.0 / temperature
-        if triton_path:
-            logp, ent, lse = _triton_stats(x, w, b, labels, inv_t)
-        else:
-            logp, ent, lse = torch_pass(x, w, b, labels, inv_t, chunk, compiled=compiled)
-        ctx.save_for_backward(x, w, b, labels, lse, ent)
-        ctx.inv_t, ctx.chunk, ctx.triton_path, ctx.compiled = inv_t, chunk, triton_path, compiled
+    def forward(ctx, x, w, b, labels, call):
+        logp, ent, lse = call.stats()
+        ctx.save_for_backward(x, w, b, labels, lse, ent)  # tensors through autograd (saved-tensor hooks see them)
+        ctx.call = call._replace(x=None, w=None, labels=None, b=None)
         return logp, ent
 
     @staticmethod
@@ -331,12 +363,9 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         n = x.shape[0]
         g_lp = torch.zeros(n, device=x.device) if g_lp is None else g_lp.float().contiguous()
         g_h = torch.zeros(n, device=x.device) if g_h is None else g_h.float().contiguous()
-        if ctx.triton_path:
-            dx, dw, db = _triton_recompute_backward(x, w, b, labels, lse, ent, g_lp, g_h, ctx.inv_t)
-        else:
-            saved = (lse, ent, g_lp, g_h)
-            dx, dw, db = torch_pass(x, w, b, labels, ctx.inv_t, ctx.chunk, saved=saved, compiled=ctx.compiled)
-        return dx, dw.to(w.dtype), None if db is None else db.to(b.dtype), None, None, None, None, None
+        call = ctx.call._replace(x=x, w=w, labels=labels, b=b)
+        dx, dw, db = call.recompute_backward(lse, ent, g_lp, g_h)
+        return dx, dw.to(w.dtype), None if db is None else db.to(b.dtype), None, None
 
 
 def linear_logprob_entropy(
@@ -361,11 +390,8 @@ def linear_logprob_entropy(
         (logp, entropy): float32 [...], differentiable w.r.t. hidden, weight and bias with arbitrary
         upstream gradients for both. dW accumulates in fp32. Memory: one chunk of logits, never [N, V].
     """
-    x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
-    tp = use_triton(x, backend)
-    chunk = _chunk_for(x, w, chunk_size, tp)
-    compiled = backend_choice(backend) == "torch_compile"
-    logp, ent = LinearLogprobEntropyFunction.apply(x, w, b, lab, float(temperature), chunk, tp, compiled)
+    call = _plan(hidden, weight, labels, bias, temperature, chunk_size, backend)
+    logp, ent = LinearLogprobEntropyFunction.apply(call.x, call.w, call.b, call.labels, call)
     return logp.view(labels.shape), ent.view(labels.shape)
 
 
@@ -391,31 +417,21 @@ def linear_logprob_entropy_with_grad(
     vocab slice is written once by one fp32-accumulating GEMM), db fp32 [V] or None. Nothing here is
     tracked by autograd.
     """
-    x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
-    tp = use_triton(x, backend)
-    chunk = _chunk_for(x, w, chunk_size, tp)
-    inv_t = 1.0 / float(temperature)
-    compiled = backend_choice(backend) == "torch_compile"
+    call = _plan(hidden, weight, labels, bias, temperature, chunk_size, backend)
+    x, w, b, lab, inv_t, chunk = call.x, call.w, call.b, call.labels, call.inv_t, call.chunk
     with torch.no_grad():
         if mode == "recompute":
-            if tp:
-                logp, ent, lse = _triton_stats(x, w, b, lab, inv_t)
-            else:
-                logp, ent, lse = torch_pass(x, w, b, lab, inv_t, chunk, compiled=compiled)
+            logp, ent, lse = call.stats()
             g_lp, g_h = grad_fn(0, x.shape[0], logp, ent)
-            g_lp, g_h = g_lp.float().contiguous(), g_h.float().contiguous()
-            if tp:
-                dx, dw, db = _triton_recompute_backward(x, w, b, lab, lse, ent, g_lp, g_h, inv_t)
-            else:
-                saved = (lse, ent, g_lp, g_h)
-                dx, dw, db = torch_pass(x, w, b, lab, inv_t, chunk, saved=saved, compiled=compiled)
+            dx, dw, db = call.recompute_backward(lse, ent, g_lp.float().contiguous(), g_h.float().contiguous())
             return logp, ent, dx, dw, db
         if mode != "in_forward":
             raise ValueError(f"mode must be 'in_forward' or 'recompute', got {mode!r}")
-        if tp:
+        if call.triton:
             logp, ent, _lse, dx, dw, db = _triton_fused(x, w, b, lab, inv_t, chunk, grad_fn)
         else:
-            logp, ent, _lse, dx, dw, db = torch_pass(x, w, b, lab, inv_t, chunk, grad_fn=grad_fn, compiled=compiled)
+            logp, ent, _lse, dx, dw, db = torch_pass(x, w, b, lab, inv_t, chunk, grad_fn=grad_fn,
+                                                     compiled=call.compiled)  # fmt: skip
         return logp, ent, dx, dw, db
 
 
@@ -429,13 +445,7 @@ def linear_logprob_entropy_stats(
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward only, no autograd (2·N·H·V): old/ref log-probs, and the stats pass of Clip-Cov/KL-Cov."""
-    x, w, lab, b = _prepare(hidden, weight, labels, bias, temperature)
-    tp = use_triton(x, backend)
-    chunk = _chunk_for(x, w, chunk_size, tp)
+    call = _plan(hidden, weight, labels, bias, temperature, chunk_size, backend)
     with torch.no_grad():
-        if tp:
-            logp, ent, _ = _triton_stats(x, w, b, lab, 1.0 / float(temperature))
-        else:
-            compiled = backend_choice(backend) == "torch_compile"
-            logp, ent, _ = torch_pass(x, w, b, lab, 1.0 / float(temperature), chunk, compiled=compiled)
+        logp, ent, _ = call.stats()
     return logp.view(labels.shape), ent.view(labels.shape)
