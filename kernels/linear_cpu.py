@@ -222,21 +222,21 @@ def _eager_chunk(z, lab, inv_t, a, grad_fn, saved, zy):
 
 def _compiled_chunk(fns, z, xc, w, b, lab, inv_t, a, grad_fn, saved):
     """The whole chunk through the inductor epilogue (see ``chunk_stats`` / ``chunk_grad_``)."""
-    stats_fn, grad_fn_ = fns
+    stats_kernel, grad_kernel = fns
     half = z.dtype != torch.float32
     scale = torch.tensor(inv_t if half else 1.0)  # fp32 logits are already / T
     it = torch.tensor(inv_t)
     if saved is not None:
         s_lse, s_ent, g_lp, g_h = saved
-        grad_fn_(z, lab, s_lse, torch.ones_like(s_lse), -s_ent, g_lp, g_h, scale, it)
+        grad_kernel(z, lab, s_lse, torch.ones_like(s_lse), -s_ent, g_lp, g_h, scale, it)
         return None
     if half:
         zy = exact_target_logits(xc, w, b, lab, inv_t)
     else:
         ok = (lab >= 0) & (lab < z.shape[1])
         zy = z.gather(1, torch.where(ok, lab, 0).long().unsqueeze(1)).squeeze(1)
-    logp, ent, lse, m, s, t = stats_fn(z, lab, zy, scale)
+    logp, ent, lse, m, s, t = stats_kernel(z, lab, zy, scale)
     if grad_fn is not None:
         g_lp, g_h = grad_fn(a, a + z.shape[0], logp, ent)
-        grad_fn_(z, lab, m, s, t, g_lp.float(), g_h.float(), scale, it)
+        grad_kernel(z, lab, m, s, t, g_lp.float(), g_h.float(), scale, it)
     return logp, ent, lse
