@@ -27,6 +27,7 @@ from kernels_import import import_spear_kernels
 
 sk = import_spear_kernels()
 from spear_kernels.linear_logprob_entropy import cpu_chunk_rows  # noqa: E402  (after the import above)
+from spear_kernels.utils import mm_acc_  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ENT = 0.001
@@ -100,16 +101,13 @@ def gemm_only(d, chunk=None):
     z = torch.empty(chunk, v, dtype=w.dtype)
     dx = torch.empty_like(x)
     dw = torch.zeros(v, x.shape[1], dtype=torch.float32)
-    dw_chunk = torch.empty(v, x.shape[1], dtype=w.dtype)
+    dw_chunk = torch.empty(v, x.shape[1], dtype=w.dtype) if w.dtype != torch.float32 else None
     for a in range(0, n, chunk):
         xc = x[a : a + chunk]
         zc = z[: xc.shape[0]]
         torch.mm(xc, w.t(), out=zc)
         torch.mm(zc, w, out=dx[a : a + chunk])
-        if w.dtype == torch.float32:
-            dw.addmm_(zc.t(), xc)
-        else:
-            dw.add_(torch.mm(zc.t(), xc, out=dw_chunk))
+        mm_acc_(dw, zc.t(), xc, dw_chunk)  # the op's own fp32 accumulation of dW
     return dx, dw
 
 

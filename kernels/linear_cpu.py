@@ -10,8 +10,8 @@ Two epilogues, the same math:
   a pass over the block in fp32.
 * compiled (``torch_compile``): the statistics and the gradient each fused by inductor into a loop over
   the whole chunk that reads the logits in their own dtype and, for the gradient, writes dZ back in it.
-  No fp32 copy of the logits, no per-block dispatch: on a 2-core EPYC in bf16 the op is ~8 % faster at
-  the same chunk (bench/RESULTS.md). It costs a compilation at first use per dtype (seconds to a minute,
+  No fp32 copy of the logits, no per-block dispatch: on a 2-core EPYC in bf16 the op is ~10 % faster
+  at the same chunk (bench/RESULTS.md). It costs a compilation at first use per dtype (seconds to a minute,
   cached on disk by inductor) and needs a C++ compiler; without one it warns and runs the eager epilogue.
 """
 

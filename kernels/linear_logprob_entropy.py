@@ -354,7 +354,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, w, b, labels, call):
         logp, ent, lse = call.stats()
         ctx.save_for_backward(x, w, b, labels, lse, ent)  # tensors through autograd (saved-tensor hooks see them)
-        ctx.call = call._replace(x=None, w=None, labels=None, b=None)
+        ctx.settings = call[4:]  # (inv_t, chunk, triton, compiled): the tensors go through save_for_backward
         return logp, ent
 
     @staticmethod
@@ -363,7 +363,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         n = x.shape[0]
         g_lp = torch.zeros(n, device=x.device) if g_lp is None else g_lp.float().contiguous()
         g_h = torch.zeros(n, device=x.device) if g_h is None else g_h.float().contiguous()
-        call = ctx.call._replace(x=x, w=w, labels=labels, b=b)
+        call = _Call(x, w, labels, b, *ctx.settings)
         dx, dw, db = call.recompute_backward(lse, ent, g_lp, g_h)
         return dx, dw.to(w.dtype), None if db is None else db.to(b.dtype), None, None
 
