@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from spear_engine.envs import sandbox
 from spear_engine.envs.sandbox import SandboxResult, run_python
+from spear_engine.envs.sandbox import run as run_module
 
 MODES = sandbox.available_isolation_modes()
 BEST = MODES[0]
@@ -118,6 +122,56 @@ def test_infinite_loop_hits_the_wall_clock_timeout():
 def test_sleeping_code_is_killed_at_the_deadline():
     result = run("import time\nprint('started')\ntime.sleep(60)", timeout_s=1.0)
     assert result.timed_out and result.stdout == "started\n"  # output before the kill is kept
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose command line holds ``marker`` (the code travels on the child's command line)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _left_after(marker: str, within_s: float) -> list[int]:
+    """The marked processes still alive ``within_s`` from now (returns as soon as there are none)."""
+    deadline = time.monotonic() + within_s
+    while (alive := _processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+# python mode is left out: there the interpreter itself leads the session, so os.setsid() fails (EPERM)
+@pytest.mark.parametrize("mode", NAMESPACE_MODES)
+def test_code_that_leaves_the_process_group_is_killed_with_it(mode, monkeypatch):
+    monkeypatch.setattr(run_module, "WALL_GRACE_S", 3600.0)  # the parent alone must do it, not the child's watchdog
+    marker = f"spear-setsid-{uuid.uuid4().hex}"
+    result = run(f"# {marker}\nimport os, time\nos.setsid()\nprint('left', flush=True)\ntime.sleep(3600)",
+                 isolation_mode=mode, timeout_s=5.0)  # fmt: skip
+    assert result.timed_out and result.stdout == "left\n", result.as_observation()
+    assert _left_after(marker, 30.0) == [], "a sandboxed process outlived its call"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sandbox_whose_owner_is_killed_ends_itself_after_the_deadline(mode):
+    marker = f"spear-orphan-{uuid.uuid4().hex}"
+    owner_program = ("import sys\nfrom spear_engine.envs.sandbox import run_python\n"
+                     "run_python(sys.stdin.read(), timeout_s=2.0, isolation_mode=sys.argv[1])")  # fmt: skip
+    owner = subprocess.Popen([sys.executable, "-c", owner_program, mode], stdin=subprocess.PIPE, text=True)
+    owner.stdin.write(f"# {marker}\nimport time\ntime.sleep(3600)")  # by stdin: only the sandbox carries the marker
+    owner.stdin.close()
+    try:
+        started = time.monotonic() + 120.0
+        while not _processes_with(marker) and time.monotonic() < started and owner.poll() is None:
+            time.sleep(0.05)
+        assert _processes_with(marker), "the sandbox never started"
+    finally:
+        owner.kill()  # before its deadline: its own clean-up never runs
+        owner.wait()
+    assert _left_after(marker, 60.0) == [], "a sandboxed process outlived its killed owner"
 
 
 def test_cpu_time_limit():

@@ -21,8 +21,13 @@ from pathlib import Path
 import pytest
 
 from spear_engine.envs.base import Action, make_env
+from spear_engine.envs.sandbox.run import CHILD_PROGRAM
 
 TOOL_TIMEOUT_S = 4.0
+"""For the escapes that end at the deadline; the others get GENEROUS_TIMEOUT_S, so that a busy machine's slow
+start cannot turn their own error (say MemoryError) into a timeout."""
+GENEROUS_TIMEOUT_S = 60.0
+ENDS_AT_THE_DEADLINE = frozenset({"infinite_loop", "sleep_forever", "thread_bomb", "setsid_and_sleep", "ignore_sigterm"})
 ESCAPE_TARGETS = (Path("/tmp/spear-escape"), Path("/dev/shm/spear-escape"))
 CANARY_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
 
@@ -110,11 +115,15 @@ ESCAPES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 @pytest.fixture(scope="module")
-def math_env():
-    env = make_env("math", tool_timeout_s=TOOL_TIMEOUT_S, tool_memory_mb=256, max_steps=100_000)
-    env.reset(1)
-    yield env
-    env.close()
+def math_envs():
+    """A math environment by tool deadline: short (the escapes that run until it) and generous (the rest)."""
+    envs = {t: make_env("math", tool_timeout_s=t, tool_memory_mb=256, max_steps=100_000)
+            for t in (TOOL_TIMEOUT_S, GENEROUS_TIMEOUT_S)}  # fmt: skip
+    for env in envs.values():
+        env.reset(1)
+    yield envs
+    for env in envs.values():
+        env.close()
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +146,18 @@ def _digest(folder: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def _sandbox_processes() -> set[int]:
+    """Live processes running the sandbox's child program, wherever they were re-parented to."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if CHILD_PROGRAM.encode() in cmdline.read_bytes():
+                found.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def _children() -> set[int]:
     me = str(os.getpid())
     kids = set()
@@ -151,12 +172,13 @@ def _children() -> set[int]:
 
 
 @pytest.mark.parametrize("name", list(ESCAPES))
-def test_escape_is_contained_reported_and_the_run_goes_on(name: str, math_env, canary, tmp_path: Path) -> None:
+def test_escape_is_contained_reported_and_the_run_goes_on(name: str, math_envs, canary, tmp_path: Path) -> None:
+    math_env = math_envs[TOOL_TIMEOUT_S if name in ENDS_AT_THE_DEADLINE else GENEROUS_TIMEOUT_S]
     host = tmp_path / "host"
     host.mkdir()
     sentinel = host / "sentinel.txt"
     sentinel.write_text("precious")
-    before, children_before = _digest(host), _children()
+    before, children_before, sandboxes_before = _digest(host), _children(), _sandbox_processes()
     code_template, fragments = ESCAPES[name]
     code = code_template.format(S=str(sentinel), D=str(host), M=str(host / "marker"), PID=os.getpid())
 
@@ -169,8 +191,9 @@ def test_escape_is_contained_reported_and_the_run_goes_on(name: str, math_env, c
     assert not any(p.exists() for p in ESCAPE_TARGETS)
     assert canary == [], f"the parent received signals {canary}"
     deadline = time.monotonic() + 5
-    while _children() - children_before and time.monotonic() < deadline:
+    while (_children() - children_before or _sandbox_processes() - sandboxes_before) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _children() - children_before, "the sandbox left a process behind"
+    assert not _sandbox_processes() - sandboxes_before, "a sandboxed process outlived its call (setsid?)"
     after = math_env.step(Action("python", "print(6 * 7)"))  # the episode goes on, the tool still works
     assert after.observation.text.strip() == "42" and not after.done

@@ -16,7 +16,10 @@ raise hard limits again):
   * address space (RLIMIT_AS: allocations fail and Python raises MemoryError),
   * file size (RLIMIT_FSIZE: larger writes fail with EFBIG), no core files, at most 256 open files,
   * output: the parent reads at most ``max_output_bytes`` per stream and kills the child beyond it,
-  * the wall-clock deadline, enforced by the parent with SIGKILL to the process group.
+  * the wall-clock deadline, enforced by the parent with SIGKILL to the process group and to the PID
+    namespace's init (which takes down code that left the group with ``os.setsid()``), and by a
+    watchdog thread in the child that ends it a grace period later or as soon as its parent is gone
+    (a killed owner; a sleeping process never reaches RLIMIT_CPU).
 
 The isolation mode is probed once per process (:func:`isolation`), strongest first:
 

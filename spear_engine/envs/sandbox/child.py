@@ -20,8 +20,10 @@ import posix
 import resource
 import signal
 import sys
+import time
 import traceback
 
+_EXIT_WALL = 124  # the watchdog's exit status (run.py reads it past the deadline as a timeout)
 _BLOCKED_MODULES = frozenset({
     "cffi", "_cffi_backend", "multiprocessing",
     "_multiprocessing", "_posixshmem", "pty", "_xxsubinterpreters", "_xxinterpchannels", "_testcapi",
@@ -61,6 +63,35 @@ def _limit(cfg):
         if cur_hard != R.RLIM_INFINITY:
             hard = min(hard, cur_hard)
         R.setrlimit(res, (min(soft, hard), hard))
+
+
+def _start_watchdog(wall_s):
+    """End this process when its parent is gone or ``wall_s`` has passed (the parent's deadline plus a grace).
+
+    The parent's deadline is a SIGKILL to the process group, but code that calls ``os.setsid()`` leaves the
+    group, a process that sleeps never reaches RLIMIT_CPU, and a parent that is killed kills nothing: this
+    thread covers all three. It binds what it uses, so code that monkeypatches ``time`` or ``os`` cannot stop it.
+    """
+    import _thread
+
+    monotonic, sleep, getppid, exit_now = time.monotonic, time.sleep, posix.getppid, posix._exit
+    deadline, parent = monotonic() + wall_s, getppid()
+
+    def watch(MemoryError=MemoryError):
+        while True:
+            try:
+                if getppid() != parent or monotonic() >= deadline:
+                    break
+                sleep(0.1)
+            except MemoryError:  # the code has used up the address space: this thread must not die of it
+                pass
+        exit_now(_EXIT_WALL)  # not SIGKILL to itself: a PID namespace's init ignores that from inside
+
+    default = _thread.stack_size(256 * 1024)  # not the usual 8 MiB of address space, which RLIMIT_AS counts
+    try:
+        _thread.start_new_thread(watch, ())
+    finally:
+        _thread.stack_size(default)
 
 
 def _on_cpu_limit(signum, frame):
@@ -268,6 +299,7 @@ def _main():
     code = sys.argv[2]
     sys.argv[:] = ["<sandbox>"]
     _limit(cfg)
+    _start_watchdog(cfg["wall_s"])
     signal.signal(signal.SIGXCPU, _on_cpu_limit)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     os.umask(0o077)
@@ -279,5 +311,5 @@ def _main():
 
 if __name__ == "__main__":
     _code = _main()
-    del _main, _make_guard, _limit, _neuter, _read_roots, _WRITE_EVENTS, _READ_EVENTS, _CTYPES_ALLOWED
+    del _main, _make_guard, _limit, _start_watchdog, _neuter, _read_roots, _WRITE_EVENTS, _READ_EVENTS, _CTYPES_ALLOWED
     _run_user_code(_code)

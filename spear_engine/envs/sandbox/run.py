@@ -35,6 +35,9 @@ CHILD_PROGRAM = os.path.join(os.path.dirname(os.path.realpath(__file__)), "child
 """The program the sandboxed interpreter runs (by path; it imports only the standard library)."""
 
 _EXIT_CPU = 152  # 128 + SIGXCPU: the child's own SIGXCPU handler exits with this code
+_EXIT_WALL = 124  # the child's watchdog exits with this code past the deadline plus a grace (child.py)
+WALL_GRACE_S = 2.0
+"""The child ends itself this long after the parent's deadline, should the parent not have killed it."""
 
 
 def run_python(
@@ -112,6 +115,7 @@ def _run(code: str, iso: Isolation, limits: _Limits, uid: int | None, workdir: s
         "nproc": nproc_limit(iso, limits.max_processes),
         "file_bytes": limits.max_file_mb * 2**20,
         "guard": limits.audit_guard,
+        "wall_s": limits.timeout_s + WALL_GRACE_S,
     }
     argv = [*wrapper_argv(iso, uid), sys.executable, "-I", "-u", CHILD_PROGRAM, json.dumps(config), code]
     start = time.monotonic()
@@ -128,11 +132,13 @@ def _run(code: str, iso: Isolation, limits: _Limits, uid: int | None, workdir: s
     try:
         streams, reason = _collect(proc, start + limits.timeout_s, limits.max_output_bytes)
     finally:
-        _kill_group(proc.pid)
+        _kill_tree(proc.pid)
         status, cpu_used = _reap(proc)
         proc.stdout.close()
         proc.stderr.close()
     (out, out_cut), (err, err_cut) = streams
+    if reason is None and status == _EXIT_WALL and time.monotonic() >= start + limits.timeout_s:
+        reason = "timeout"  # the child's own watchdog (child.py) acted before this late parent
     return SandboxResult(
         stdout=out.decode("utf-8", "replace"),
         stderr=err.decode("utf-8", "replace"),
@@ -188,6 +194,27 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the started process, its children and its process group.
+
+    In the namespace modes the child of ``unshare`` is the PID namespace's init: killing it makes the kernel
+    kill everything in the namespace, including code that left the process group with ``os.setsid()``
+    (``unshare --kill-child`` cannot do it: ``setpriv`` changing the uid clears the parent-death signal).
+    In python mode the started process is the interpreter itself."""
+    for process in (*_children_of(pid), pid):
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(process, signal.SIGKILL)
+    _kill_group(pid)
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
 def _kill_group(pgid: int) -> None:
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -222,5 +249,6 @@ def _clean_env(workdir: str) -> dict[str, str]:
     """No inherited variables: no tokens, no proxies; one BLAS thread (threads count as processes)."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     env |= {"LC_ALL": "C.UTF-8", "MPLCONFIGDIR": workdir, "MPLBACKEND": "Agg"}
+    env["MALLOC_ARENA_MAX"] = "1"  # a thread's own malloc arena reserves 64 MiB+ of the RLIMIT_AS budget
     env |= dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"), "1")
     return env
