@@ -7,7 +7,8 @@ Per seed, one SFT warm-up is trained and saved once; every arm of that seed star
 and shares its step-0 evaluation. Layout of the results folder::
 
     <out>/experiment.yaml                     the whole experiment (every arm and seed; CLI steps applied)
-    <out>/warmup/seed<k>/                     warm-up run: metrics.jsonl, eval.json, model/ (not committed)
+    <out>/warmup/seed<k>/                     warm-up run: metrics.jsonl, eval.json, model/ (not committed:
+                                              trained again, and checked against eval.json, when missing)
     <out>/runs/<arm>/seed<k>/                 one training run: config.yaml, metrics.jsonl, done.json,
                                               train.log and checkpoints/ (the last two not committed)
     <out>/results.md, results.json, compare.png   written by ``spear compare <out>``
@@ -254,14 +255,13 @@ def run_experiment(name: str, out: str | Path, seeds: Sequence[int] | None = Non
     (folder / "experiment.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     failed: list[str] = []
     for seed in spec.seeds:
+        if all(finished_steps(folder / "runs" / arm / f"seed{seed}") >= spec.steps for arm in spec.arms):
+            continue  # nothing to run: a missing warm-up model is not needed
         warm = folder / "warmup" / f"seed{seed}"
-        if not (warm / START_EVAL_FILE).is_file():
-            report(f"[seed {seed}] warm-up -> {warm}")
-            config_file = _write_config(warmup_config(spec, seed, overrides), folder / "warmup" / f"seed{seed}.yaml")
-            if stage_runner(["warmup", str(config_file), str(warm)], folder / "warmup" / f"seed{seed}.log") != 0:
-                failed.append(f"warmup seed {seed} (log {folder / 'warmup' / f'seed{seed}.log'})")
-                report(f"[seed {seed}] warm-up FAILED: its arms are skipped; rerun to retry")
-                continue
+        if not _warmup_ready(spec, seed, warm, overrides, stage_runner, report):
+            failed.append(f"warmup seed {seed} (log {folder / 'warmup' / f'seed{seed}.log'})")
+            report(f"[seed {seed}] warm-up FAILED: its arms are skipped; rerun to retry")
+            continue
         start_eval = warm / START_EVAL_FILE
         for arm in spec.arms:
             run_dir = folder / "runs" / arm / f"seed{seed}"
@@ -281,6 +281,38 @@ def run_experiment(name: str, out: str | Path, seeds: Sequence[int] | None = Non
             if not spec.keep_final_checkpoint:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return failed
+
+
+def _warmup_ready(spec: ExperimentSpec, seed: int, warm: Path, overrides: Sequence[str], stage_runner: StageRunner,
+                  report: Callable[[str], None]) -> bool:  # fmt: skip
+    """Train the seed's warm-up unless its evaluation and weights are both there; False when that failed.
+
+    The weights are never committed, so a fresh clone of a results folder has the evaluation only: the
+    warm-up is trained again (same config and seed) and its evaluation compared with the recorded one, a
+    warning naming what changed when they differ (the runs already recorded then started elsewhere)."""
+    eval_file = warm / START_EVAL_FILE
+    if eval_file.is_file() and (warm / "model" / "config.json").is_file():
+        return True
+    recorded = json.loads(eval_file.read_text()) if eval_file.is_file() else None
+    if recorded is None:
+        report(f"[seed {seed}] warm-up -> {warm}")
+    else:
+        report(f"[seed {seed}] the warm-up's weights ({warm / 'model'}, never committed) are missing: training it "
+               "again from the same config and seed")  # fmt: skip
+    config_file = _write_config(warmup_config(spec, seed, overrides), warm.parent / f"seed{seed}.yaml")
+    if stage_runner(["warmup", str(config_file), str(warm)], warm.parent / f"seed{seed}.log") != 0:
+        return False
+    if recorded is not None:
+        rebuilt = json.loads(eval_file.read_text())
+        changed = [f"{k} {recorded[k]} -> {rebuilt.get(k)}" for k in sorted(recorded)
+                   if not k.startswith("time/") and rebuilt.get(k) != recorded[k]]  # fmt: skip
+        if changed:
+            report(f"[seed {seed}] WARNING: the retrained warm-up evaluates differently from the recorded one "
+                   f"({'; '.join(changed)}): other hardware or library versions? Runs already recorded for this "
+                   "seed started from the old weights, new ones start from these")  # fmt: skip
+        else:
+            report(f"[seed {seed}] the retrained warm-up evaluates exactly as recorded")
+    return True
 
 
 def _write_config(config: SpearConfig, path: Path) -> Path:

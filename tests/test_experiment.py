@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,63 @@ def test_a_failed_stage_is_reported_and_the_other_seeds_still_run(tmp_path: Path
                             report=lambda _: None)  # fmt: skip
     assert [c[0] for c in stages.calls] == ["warmup", "warmup"]
     assert [f.split(" (")[0] for f in failed] == ["warmup seed 0", "warmup seed 1"]
+
+
+class RecordedStages:
+    """Stands in for the stage processes: a warm-up writes ``evaluation`` and a model folder, an arm nothing."""
+
+    def __init__(self, evaluation: dict[str, float]) -> None:
+        self.evaluation = evaluation
+        self.calls: list[str] = []
+
+    def __call__(self, args: list[str], log: Path) -> int:
+        self.calls.append(args[0])
+        if args[0] == "warmup":
+            model = Path(args[2]) / "model"
+            model.mkdir(parents=True, exist_ok=True)
+            (model / "config.json").write_text("{}")
+            (Path(args[2]) / "eval.json").write_text(json.dumps(self.evaluation))
+        return 0
+
+
+def test_a_cloned_warmup_without_its_weights_is_trained_again_and_checked_against_its_record(
+    tmp_path: Path,
+) -> None:
+    out, name = tmp_path / "r", write_spec(tmp_path)
+    warm = out / "warmup" / "seed0"
+    recorded = {"val/success_rate": 0.5, "val_greedy/success_rate": 0.25, "time/eval": 3.0}
+
+    def clone_without_weights() -> None:  # what a fresh clone of a committed results folder holds
+        if warm.exists():
+            shutil.rmtree(warm)
+        warm.mkdir(parents=True)
+        (warm / "eval.json").write_text(json.dumps(recorded))
+
+    clone_without_weights()
+    messages: list[str] = []
+    same = RecordedStages({**recorded, "time/eval": 9.0})  # timings may differ
+    assert run_experiment(name, out, stage_runner=same, report=messages.append) == []
+    assert same.calls == ["warmup", "arm", "arm"]
+    assert any("weights" in m and "missing" in m for m in messages)
+    assert any("evaluates exactly as recorded" in m for m in messages)
+    assert not any("WARNING" in m for m in messages)
+
+    clone_without_weights()
+    messages.clear()
+    other = RecordedStages({**recorded, "val/success_rate": 0.375})
+    assert run_experiment(name, out, stage_runner=other, report=messages.append) == []
+    assert other.calls == ["warmup", "arm", "arm"]
+    warnings = [m for m in messages if "WARNING" in m]
+    assert len(warnings) == 1 and "val/success_rate 0.5 -> 0.375" in warnings[0]
+    assert "val_greedy" not in warnings[0]  # only what changed is named
+
+    clone_without_weights()  # every run of the seed finished: its weights are not needed
+    for arm in ("drbot", "bonus-only"):
+        (out / "runs" / arm / "seed0").mkdir(parents=True, exist_ok=True)
+        (out / "runs" / arm / "seed0" / "done.json").write_text(json.dumps({"steps": 2}))
+    idle = RecordedStages(recorded)
+    assert run_experiment(name, out, stage_runner=idle, report=lambda _: None) == []
+    assert idle.calls == []
 
 
 def test_finished_runs_drop_their_checkpoints_unless_kept(tmp_path: Path) -> None:
