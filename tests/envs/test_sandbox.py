@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from live_processes import processes_running
 
 from spear_engine.envs import sandbox
 from spear_engine.envs.sandbox import SandboxResult, run_python
@@ -125,22 +126,10 @@ def test_sleeping_code_is_killed_at_the_deadline():
     assert result.timed_out and result.stdout == "started\n"  # output before the kill is kept
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Live processes whose command line holds ``marker`` (the code travels on the child's command line)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if marker.encode() in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
-
-
-def _left_after(marker: str, within_s: float) -> list[int]:
+def _left_after(marker: str, within_s: float) -> set[int]:
     """The marked processes still alive ``within_s`` from now (returns as soon as there are none)."""
     deadline = time.monotonic() + within_s
-    while (alive := _processes_with(marker)) and time.monotonic() < deadline:
+    while (alive := processes_running(marker)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return alive
 
@@ -153,7 +142,7 @@ def test_code_that_leaves_the_process_group_is_killed_with_it(mode, monkeypatch)
     result = run(f"# {marker}\nimport os, time\nos.setsid()\nprint('left', flush=True)\ntime.sleep(3600)",
                  isolation_mode=mode, timeout_s=5.0)  # fmt: skip
     assert result.timed_out and result.stdout == "left\n", result.as_observation()
-    assert _left_after(marker, 30.0) == [], "a sandboxed process outlived its call"
+    assert _left_after(marker, 30.0) == set(), "a sandboxed process outlived its call"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -166,13 +155,13 @@ def test_a_sandbox_whose_owner_is_killed_ends_itself_after_the_deadline(mode):
     owner.stdin.close()
     try:
         started = time.monotonic() + 120.0
-        while not _processes_with(marker) and time.monotonic() < started and owner.poll() is None:
+        while not processes_running(marker) and time.monotonic() < started and owner.poll() is None:
             time.sleep(0.05)
-        assert _processes_with(marker), "the sandbox never started"
+        assert processes_running(marker), "the sandbox never started"
     finally:
         owner.kill()  # before its deadline: its own clean-up never runs
         owner.wait()
-    assert _left_after(marker, 60.0) == [], "a sandboxed process outlived its killed owner"
+    assert _left_after(marker, 60.0) == set(), "a sandboxed process outlived its killed owner"
 
 
 def test_cpu_time_limit():

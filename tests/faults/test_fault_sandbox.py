@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from live_processes import processes_running
 
 from spear_engine.envs.base import Action, make_env
 from spear_engine.envs.sandbox.run import CHILD_PROGRAM
@@ -146,18 +147,6 @@ def _digest(folder: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def _sandbox_processes() -> set[int]:
-    """Live processes running the sandbox's child program, wherever they were re-parented to."""
-    found = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if CHILD_PROGRAM.encode() in cmdline.read_bytes():
-                found.add(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
-
-
 def _children() -> set[int]:
     me = str(os.getpid())
     kids = set()
@@ -178,7 +167,7 @@ def test_escape_is_contained_reported_and_the_run_goes_on(name: str, math_envs, 
     host.mkdir()
     sentinel = host / "sentinel.txt"
     sentinel.write_text("precious")
-    before, children_before, sandboxes_before = _digest(host), _children(), _sandbox_processes()
+    before, children_before, sandboxes_before = _digest(host), _children(), processes_running(CHILD_PROGRAM)
     code_template, fragments = ESCAPES[name]
     code = code_template.format(S=str(sentinel), D=str(host), M=str(host / "marker"), PID=os.getpid())
 
@@ -191,9 +180,9 @@ def test_escape_is_contained_reported_and_the_run_goes_on(name: str, math_envs, 
     assert not any(p.exists() for p in ESCAPE_TARGETS)
     assert canary == [], f"the parent received signals {canary}"
     deadline = time.monotonic() + 5
-    while (_children() - children_before or _sandbox_processes() - sandboxes_before) and time.monotonic() < deadline:
+    while (_children() - children_before or processes_running(CHILD_PROGRAM) - sandboxes_before) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _children() - children_before, "the sandbox left a process behind"
-    assert not _sandbox_processes() - sandboxes_before, "a sandboxed process outlived its call (setsid?)"
+    assert not processes_running(CHILD_PROGRAM) - sandboxes_before, "a sandboxed process outlived its call (setsid?)"
     after = math_env.step(Action("python", "print(6 * 7)"))  # the episode goes on, the tool still works
     assert after.observation.text.strip() == "42" and not after.done
