@@ -24,17 +24,16 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
 from spear_engine.config_loading import load_config
+from spear_engine.machine import cpu_model
 from spear_engine.train.trainer import Trainer
 
 STAGES = ["rollout", "rewards_filters", "old_log_prob", "advantages_replay", "update", "weight_sync", "replay_update"]
@@ -77,16 +76,6 @@ BASELINE = [  # the trainer path before the throughput work (issue 10), kept beh
 ]  # fmt: skip
 
 
-def cpu_name() -> str:
-    """The CPU model (benchmarks name the machine they ran on)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def speedup(args: argparse.Namespace, out: str) -> None:
     """The quickstart step on today's defaults vs the old path (``BASELINE``): each trainer rolls out its own
     episodes (the engines differ), same model, episodes and warm-up; steps alternate in one process."""
@@ -111,7 +100,7 @@ def speedup(args: argparse.Namespace, out: str) -> None:
                   f"{metrics['time/update']:.1f} s), {metrics.get('rollout/env_steps', 0):.0f} rows, "
                   f"{metrics.get('perf/real_tokens', 0):.0f} real tokens, success "
                   f"{metrics.get('episode/success_rate', 0):.2f}", flush=True)  # fmt: skip
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads; quickstart preset, model {args.model}; medians of "
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads; quickstart preset, model {args.model}; medians of "
           f"{args.steps} steps after {args.warmup}; load {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"now = defaults {' '.join(args.new)}; before = {' '.join(BASELINE)}")
     keys = ["step", *STAGES]

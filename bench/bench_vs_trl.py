@@ -363,14 +363,9 @@ def summarise(result: dict[str, Any], completions: int) -> dict[str, Any]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    model = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from spear_engine.machine import cpu_model
+
+    model = cpu_model()
     gpu = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,

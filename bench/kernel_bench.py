@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,21 +42,12 @@ import kernel_variants as kv
 
 kv.add_refs_to_path()
 
+from spear_engine.machine import cpu_model  # noqa: E402
+
 MMAP_THRESHOLD = 65536
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -303,7 +293,7 @@ def main(argv=None) -> None:
         sys.exit(f"unknown variants {unknown}; known: {list(kv.VARIANTS)}")
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{a.device}")
     os.makedirs(out, exist_ok=True)
-    dev_name = cpu_name() if cpu else torch.cuda.get_device_name()
+    dev_name = cpu_model() if cpu else torch.cuda.get_device_name()
     head = (f"{a.device}: {dev_name}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
             f"N={n} H={h} V={v}; {a.rounds} rounds")
     print("# " + head, flush=True)

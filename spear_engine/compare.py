@@ -9,7 +9,10 @@ order; without it the arms are sorted. :func:`compare_experiment` writes, next t
   shaded 95% t-interval band wherever at least two seeds logged the step (one seed: the line only);
 - ``results.md``: a table per arm (seeds, steps done, final eval success, area under the eval curve,
   median seconds per step, step-time overhead vs the reference arm) and the difference of each arm's
-  final sampled success from the reference arm's;
+  final sampled success from the reference arm's. A run's ``machines.jsonl`` (written by ``spear
+  experiment``: the machine of each stage, so a resumed run may span two) says where each step ran; the
+  overhead compares only steps that the arm and the reference ran on the same kind of machine, and a
+  table lists which steps ran where when there were several;
 - ``results.json``: the same numbers (success in percent points, ``null`` where not defined).
 
 Partial runs are reported as they are: an arm's final eval is read at the last eval step that all of

@@ -46,6 +46,28 @@ def _cost_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _machines_table(summary: dict[str, Any]) -> list[str]:
+    """Where each arm's timed steps ran, when not all on one machine: step times (and the overhead) are
+    only comparable between steps on the same kind of machine."""
+    machines = sorted({m for row in summary["arms"].values() for m in row.get("machines", {})})
+    if len(machines) < 2:
+        return []
+    lines = [
+        "", "## Machines", "",
+        f"The runs' steps ran on {len(machines)} kinds of machine, and seconds (per step, per token) depend on it. "
+        "The step-time overhead compares only steps "
+        "that an arm and the reference ran on the same machine; the median s/step column mixes them.",
+        "", "| arm | " + " | ".join(machines) + " |", "|---|" + "---|" * len(machines),
+    ]  # fmt: skip
+    for arm, row in summary["arms"].items():
+        cells = []
+        for machine in machines:
+            per_seed = row.get("machines", {}).get(machine, {})
+            cells.append(", ".join(f"{seed}: {n} steps" for seed, n in per_seed.items()) or "-")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _paired_table(summary: dict[str, Any]) -> list[str]:
     """Arm minus reference, seed by seed (same warm-up, same training games), then over seeds."""
     paired = summary.get("paired_vs_reference") or {}
@@ -108,9 +130,12 @@ def results_markdown(summary: dict[str, Any], title: str = "experiment") -> str:
         "",
         "Final eval: at the last step every seed of the arm has an eval at (`eval step`). AUC: the "
         "trapezoid mean of the eval success curve over steps 0..that step. Steps done: the fewest steps "
-        "any seed of the arm reached. Median s/step: over all training steps of all seeds.",
+        "any seed of the arm reached. Median s/step: over all training steps of all seeds. Step-time "
+        "overhead: the arm's median s/step over the reference's, over the steps both ran on the same kind of "
+        "machine.",
     ]
     lines += _cost_table(summary)
+    lines += _machines_table(summary)
     common = summary["common_step"]
     if summary["partial"]:
         lines += [

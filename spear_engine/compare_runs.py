@@ -3,6 +3,7 @@ merged per step, the arms in ``experiment.yaml`` order, and per-step curves over
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -11,6 +12,10 @@ from typing import Any
 
 from spear_engine.compare_stats import mean_ci
 from spear_engine.metrics import read_metrics
+
+MACHINES_FILE = "machines.jsonl"  # written by spear experiment: {"after_step", "machine"} per stage of a run
+MACHINE_KEY = "machine"  # the machine label load_runs adds to each training step's record
+UNRECORDED_MACHINE = "machine not recorded"
 
 Record = dict[str, Any]
 Runs = dict[str, dict[str, list[Record]]]  # arm -> seed -> merged records, one per step
@@ -81,12 +86,45 @@ def load_runs(folder: str | Path) -> Runs:
     for arm_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         seeds = sorted((p for p in arm_dir.iterdir() if p.is_dir()), key=_seed_order)
         if seeds:
-            found[arm_dir.name] = {seed.name: merge_steps(read_metrics(seed)) for seed in seeds}
+            found[arm_dir.name] = {seed.name: with_machines(merge_steps(read_metrics(seed)), seed) for seed in seeds}
     if not any(records for runs in found.values() for records in runs.values()):
         raise FileNotFoundError(f"no metrics under {root}: expected runs/<arm>/seed<k>/metrics.jsonl")
     order = [arm for arm in listed_arms(folder) if arm in found]
     order += [arm for arm in found if arm not in order]
     return {arm: found[arm] for arm in order}
+
+
+def machine_spans(run_dir: Path) -> list[tuple[int, str]]:
+    """``(after_step, machine)`` per stage of a run, by step, from its machines file; empty without one.
+    Raises ValueError naming the file and line when a line is not such a record."""
+    path = run_dir / MACHINES_FILE
+    if not path.is_file():
+        return []
+    spans = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            spans.append((int(entry["after_step"]), str(entry["machine"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: expected {{\"after_step\": int, \"machine\": str}}: {exc}") from exc
+    return sorted(spans)
+
+
+def with_machines(records: list[Record], run_dir: Path) -> list[Record]:
+    """The records with the machine each training step (>= 1) ran on under :data:`MACHINE_KEY`: that of
+    the last stage that started before it, :data:`UNRECORDED_MACHINE` when no stage record covers it."""
+    spans = machine_spans(run_dir)
+    for record in records:
+        if record["step"] < 1:
+            continue
+        machine = UNRECORDED_MACHINE
+        for after_step, label in spans:
+            if after_step < record["step"]:
+                machine = label
+        record[MACHINE_KEY] = machine
+    return records
 
 
 def value_at(records: Sequence[Record], key: str, step: int) -> float | None:

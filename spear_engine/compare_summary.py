@@ -8,7 +8,16 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from spear_engine.compare_runs import Record, Runs, common_steps, last_step, series, value_at
+from spear_engine.compare_runs import (
+    MACHINE_KEY,
+    UNRECORDED_MACHINE,
+    Record,
+    Runs,
+    common_steps,
+    last_step,
+    series,
+    value_at,
+)
 from spear_engine.compare_stats import Estimate, estimate, intervals_overlap, json_float, normalised_auc
 
 EVAL_KEYS = {"sampled": "val/success_rate", "greedy": "val_greedy/success_rate"}
@@ -39,18 +48,24 @@ def eval_summary(runs: dict[str, list[Record]], key: str, step: int | None = Non
     }
 
 
-def median_step_time(runs: dict[str, list[Record]]) -> float | None:
-    """The median of ``time/step`` over every training step (>= 1) of every seed."""
-    return median_over_steps(runs, TIME_KEY)
+def median_step_time(runs: dict[str, list[Record]], machines: set[str] | None = None) -> float | None:
+    """The median of ``time/step`` over every training step (>= 1) of every seed (that ran on one of
+    ``machines``, where given)."""
+    return median_over_steps(runs, TIME_KEY, machines=machines)
 
 
-def median_over_steps(runs: dict[str, list[Record]], key: str, per: str | None = None, scale: float = 1.0) -> float | None:
+def median_over_steps(
+    runs: dict[str, list[Record]], key: str, per: str | None = None, scale: float = 1.0,
+    machines: set[str] | None = None,
+) -> float | None:
     """The median of ``key`` (divided by ``per`` and times ``scale`` where given) over every training step
-    (>= 1) of every seed that logged them."""
+    (>= 1) of every seed that logged them (and ran on one of ``machines``, where given)."""
     values = []
     for records in runs.values():
         for record in records:
             if record.get("step", 0) < 1 or key not in record or (per is not None and not record.get(per)):
+                continue
+            if machines is not None and record.get(MACHINE_KEY, UNRECORDED_MACHINE) not in machines:
                 continue
             values.append(record[key] * scale / (record[per] if per is not None else 1.0))
     return statistics.median(values) if values else None
@@ -66,6 +81,31 @@ def step_cost(runs: dict[str, list[Record]]) -> dict[str, float | None]:
         "replay_rows": median_over_steps(runs, REPLAY_ROWS_KEY),
         "update_sec_per_1k_tokens": median_over_steps(runs, UPDATE_KEY, per=TOKENS_KEY, scale=1000.0),
     }
+
+
+def steps_by_machine(runs: dict[str, list[Record]]) -> dict[str, dict[str, int]]:
+    """``{machine: {seed: timed training steps}}``: where each seed's timed steps ran."""
+    found: dict[str, dict[str, int]] = {}
+    for seed, records in runs.items():
+        for record in records:
+            if record.get("step", 0) >= 1 and TIME_KEY in record:
+                per_seed = found.setdefault(record.get(MACHINE_KEY, UNRECORDED_MACHINE), {})
+                per_seed[seed] = per_seed.get(seed, 0) + 1
+    return found
+
+
+def step_time_overhead(arm: dict[str, Any], ref: dict[str, Any], arm_runs: dict[str, list[Record]],
+                       ref_runs: dict[str, list[Record]]) -> tuple[float | None, list[str]]:
+    """The arm's median step time over the reference's, minus 1, in percent, over the steps both arms ran
+    on the same machines only (a step on a Zen 5 against one on a Zen 4 measures the CPUs, not the
+    algorithm); None without a machine in common. Also the machines left out, for the notes."""
+    shared = set(arm["machines"]) & set(ref["machines"])
+    left_out = sorted((set(arm["machines"]) | set(ref["machines"])) - shared)
+    if not shared:
+        return None, left_out
+    own = median_step_time(arm_runs, shared)
+    base = median_step_time(ref_runs, shared)
+    return ((own / base - 1) * 100 if own is not None and base else None), left_out
 
 
 def paired_difference(arm_runs: dict[str, list[Record]], ref_runs: dict[str, list[Record]], key: str) -> dict[str, Any]:
@@ -123,6 +163,7 @@ def summarize(runs: Runs, listed: Sequence[str] = ()) -> dict[str, Any]:
             "steps_done": min(steps_by_seed.values()),
             "steps_by_seed": steps_by_seed,
             "sec_per_step_median": median_step_time(seeds),
+            "machines": steps_by_machine(seeds),
             "cost": step_cost(seeds),
         }
         if len(seeds) == 1:
@@ -142,10 +183,15 @@ def summarize(runs: Runs, listed: Sequence[str] = ()) -> dict[str, Any]:
                 )
         table[arm] = row
 
-    ref_time = table[ref]["sec_per_step_median"]
-    for row in table.values():
-        own = row["sec_per_step_median"]
-        row["overhead_pct"] = (own / ref_time - 1) * 100 if own is not None and ref_time else None
+    for arm, row in table.items():
+        row["overhead_pct"], left_out = step_time_overhead(row, table[ref], logged[arm], logged[ref])
+        if arm == ref or not left_out:
+            continue
+        if row["overhead_pct"] is None and not set(row["machines"]) & set(table[ref]["machines"]):
+            notes.append(f"{arm}: no step-time overhead vs {ref}: no machine ran steps of both")
+        else:
+            notes.append(f"{arm}: step-time overhead vs {ref} over the steps both ran on the same machine; "
+                         f"steps on {'; '.join(left_out)} left out of it")  # fmt: skip
 
     # Across arms: the last eval step every run (of every arm) has, and the numbers there.
     common: dict[str, int | None] = {}

@@ -10,7 +10,8 @@ and shares its step-0 evaluation. Layout of the results folder::
     <out>/warmup/seed<k>/                     warm-up run: metrics.jsonl, eval.json, model/ (not committed:
                                               trained again, and checked against eval.json, when missing)
     <out>/runs/<arm>/seed<k>/                 one training run: config.yaml, metrics.jsonl, done.json,
-                                              train.log and checkpoints/ (the last two not committed)
+                                              machines.jsonl (where its steps ran), train.log and
+                                              checkpoints/ (the last two not committed)
     <out>/results.md, results.json, compare.png   written by ``spear compare <out>``
 
 Every stage runs in its own process (an engine and a model per process, memory returned when it ends).
@@ -45,6 +46,7 @@ from spear_engine.config_loading import (
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 DONE_FILE = "done.json"
+MACHINES_FILE = "machines.jsonl"  # one line per stage of a run: the steps after `after_step` ran on `machine`
 START_EVAL_FILE = "eval.json"
 
 
@@ -212,11 +214,26 @@ def run_arm_stage(config: SpearConfig, run_dir: Path, start_eval: dict[str, floa
     first_step = trainer.global_step
     if first_step == 0 and trainer.logger is not None:
         trainer.logger.log(0, start_eval)
+    record_machine(run_dir, first_step)
     start = time.perf_counter()
     trainer.fit()
     done = {"steps": trainer.global_step, "resumed_from": first_step, "wall_s": time.perf_counter() - start}
     (run_dir / DONE_FILE).write_text(json.dumps(done, indent=1))
     return done
+
+
+def record_machine(run_dir: Path, after_step: int) -> None:
+    """Append the machine that runs the steps after ``after_step`` to the run's machines file, so that
+    ``spear compare`` compares step times only between steps that ran on the same kind of machine (a
+    resumed run may continue elsewhere)."""
+    import torch
+
+    from spear_engine.machine import machine_label
+
+    line = {"after_step": after_step, "machine": machine_label(), "torch": torch.__version__}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / MACHINES_FILE).open("a") as out:
+        out.write(json.dumps(line) + "\n")
 
 
 def finished_steps(run_dir: Path) -> int:

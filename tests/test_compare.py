@@ -18,16 +18,18 @@ SAMPLED, GREEDY = "val/success_rate", "val_greedy/success_rate"
 
 def write_run(
     folder: Path, arm: str, seed: int, evals: dict[int, float], steps: int, sec: float = 10.0,
-    greedy: dict[int, float] | None = None,
+    greedy: dict[int, float] | None = None, machines: list[tuple[int, str]] = (), secs: dict[int, float] | None = None,
 ) -> None:  # fmt: skip
     """A metrics.jsonl as a run writes it: step 0 is the warm-up record, then the eval record of the same
-    step; steps 1..steps carry train metrics, and eval records at the steps of ``evals``."""
+    step; steps 1..steps carry train metrics (``secs[step]`` or ``sec`` seconds a step), and eval records
+    at the steps of ``evals``. ``machines``: the machines.jsonl stages, ``(after_step, label)``."""
     run = folder / "runs" / arm / f"seed{seed}"
     run.mkdir(parents=True)
     lines: list[dict[str, Any]] = [{"step": 0, "sft/nll": 2.0}]
     for step in range(steps + 1):
         if step >= 1:
-            lines.append({"step": step, "episode/success_rate": 0.5, "time/step": sec, "rollout/entropy": 1.0})
+            took = (secs or {}).get(step, sec)
+            lines.append({"step": step, "episode/success_rate": 0.5, "time/step": took, "rollout/entropy": 1.0})
         record: dict[str, Any] = {}
         if step in evals:
             record[SAMPLED] = evals[step]
@@ -37,6 +39,9 @@ def write_run(
             lines.append({"step": step, **record})
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (run / "config.yaml").write_text(f"seed: {seed}\n")
+    if machines:
+        stages = [{"after_step": after, "machine": label, "torch": "2.13.0"} for after, label in machines]
+        (run / "machines.jsonl").write_text("".join(json.dumps(stage) + "\n" for stage in stages))
 
 
 def test_cost_per_step_separates_more_rows_from_slower_tokens(tmp_path: Path) -> None:
@@ -155,6 +160,52 @@ def test_table_final_auc_overhead_and_difference(tmp_path: Path) -> None:
     assert "| 80.0 ± 24.8 |" in rows[0] and "+25.0%" in rows[0]
     assert "- spear: +40.0 points" in md and "overlap: yes" in md
     assert "At the common step" not in md
+
+
+def test_step_time_overhead_compares_only_steps_on_the_same_machine(tmp_path: Path) -> None:
+    """A faster CPU must not pass for a cheaper algorithm: the overhead uses the steps an arm and the
+    reference ran on the same machine, a resumed run's steps count where they ran, and an arm with no
+    machine in common with the reference gets no overhead; the report says which steps ran where."""
+    zen4, zen5 = "AMD EPYC (cpu family 25, model 17), 2 CPUs", "AMD EPYC (cpu family 26, model 2), 2 CPUs"
+    for seed in (0, 1):
+        write_run(tmp_path, "drbot", seed, {0: 0.1, 4: 0.2}, steps=4, sec=10.0, machines=[(0, zen4)])
+    write_run(tmp_path, "spear", 0, {0: 0.1, 4: 0.3}, steps=4, sec=12.5, machines=[(0, zen4)])
+    # seed 1 resumed on the faster machine after step 1: steps 2-8 take 5 s there
+    write_run(tmp_path, "spear", 1, {0: 0.1, 4: 0.3}, steps=8, secs={1: 12.5} | {s: 5.0 for s in range(2, 9)},
+              machines=[(0, zen4), (1, zen5)])  # fmt: skip
+    write_run(tmp_path, "grpo", 0, {0: 0.1, 4: 0.2}, steps=4, sec=4.0, machines=[(0, zen5)])
+    result = json.loads(compare_experiment(tmp_path)["json"].read_text())
+    arms = result["arms"]
+    assert arms["spear"]["overhead_pct"] == pytest.approx(25.0)  # 12.5 vs 10 s, the zen5 steps left out
+    assert arms["spear"]["sec_per_step_median"] == pytest.approx(5.0)  # all steps: 5 x 12.5, 7 x 5
+    assert arms["spear"]["machines"] == {zen4: {"seed0": 4, "seed1": 1}, zen5: {"seed1": 7}}
+    assert arms["grpo"]["overhead_pct"] is None
+    assert arms["drbot"]["overhead_pct"] == pytest.approx(0.0)
+    notes = result["notes"]
+    assert any(n.startswith("grpo: no step-time overhead vs drbot") for n in notes)
+    assert any(n.startswith("spear: step-time overhead vs drbot over the steps") and zen5 in n for n in notes)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Machines" in md
+    assert "| spear | seed0: 4 steps, seed1: 1 steps | seed1: 7 steps |" in md
+    assert "| grpo | - | seed0: 4 steps |" in md
+
+
+def test_runs_without_a_machine_record_compare_with_each_other(tmp_path: Path) -> None:
+    """Runs written before machines were recorded: one unknown machine, no machines table."""
+    write_run(tmp_path, "drbot", 0, {0: 0.1, 4: 0.2}, steps=4, sec=10.0)
+    write_run(tmp_path, "spear", 0, {0: 0.1, 4: 0.2}, steps=4, sec=15.0)
+    result = json.loads(compare_experiment(tmp_path)["json"].read_text())
+    assert result["arms"]["spear"]["overhead_pct"] == pytest.approx(50.0)
+    assert list(result["arms"]["spear"]["machines"]) == ["machine not recorded"]
+    assert "## Machines" not in (tmp_path / "results.md").read_text()
+
+
+def test_a_damaged_machines_file_is_named(tmp_path: Path) -> None:
+    write_run(tmp_path, "drbot", 0, {0: 0.1, 4: 0.2}, steps=4, machines=[(0, "a")])
+    path = tmp_path / "runs" / "drbot" / "seed0" / "machines.jsonl"
+    path.write_text(path.read_text() + '{"machine": "b"}\n')
+    with pytest.raises(ValueError, match=r"machines.jsonl:2: expected"):
+        load_runs(tmp_path)
 
 
 def test_paired_by_seed_separates_arms_that_unpaired_intervals_cannot(tmp_path: Path) -> None:
