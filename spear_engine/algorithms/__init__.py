@@ -35,6 +35,7 @@ from spear_engine.algorithms.filters import (
     is_think_action_valid,
     is_unreadable,
 )
+from spear_engine.algorithms.loss_config import config_view, replay_loss_config
 from spear_engine.algorithms.losses import (
     KL_PENALTY_KINDS,
     LOSS_AGG_MODES,
@@ -46,13 +47,11 @@ from spear_engine.algorithms.losses import (
     compute_policy_loss_gpg,
     compute_policy_loss_kl_cov,
     compute_policy_loss_vanilla,
-    config_view,
     get_policy_loss_fn,
     kl_penalty,
     kl_penalty_forward,
     legacy_global_batch_info,
     register_policy_loss,
-    replay_loss_config,
 )
 from spear_engine.algorithms.rewards import (
     TOOLCALL_COUNT_RULES,

@@ -6,8 +6,11 @@ verl 0.9.1 compatible: the functions below have verl's names, arguments, shapes 
 ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_c``, ``policy_loss.*``, ``global_batch_info``) -
 a dataclass, ``SimpleNamespace``, pydantic model or OmegaConf ``DictConfig``.
 
+How the losses read their constants from ``config``, and the config views a trainer passes:
+:mod:`spear_engine.algorithms.loss_config`.
+
 SPEAR additions (not in verl 0.9): :func:`replay_loss_config` (the official ``is_replay=True``
-switch, expressed as a config view), :func:`legacy_global_batch_info` (the aggregation of the older
+switch, expressed as a config view, defined in ``loss_config``), :func:`legacy_global_batch_info` (the aggregation of the older
 verl the official SPEAR code runs on) and :func:`actor_loss` (a micro-batch's pg - entropy bonus (+ KL)).
 
 Loss aggregation is defined once, in ``spear_kernels`` (which cannot import this package):
@@ -23,16 +26,22 @@ Deliberate differences from verl 0.9, none of which changes a result for finite 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from spear_engine.algorithms.kernel_dispatch import kernel_policy_loss, use_kernels
+from spear_engine.algorithms.loss_config import (  # noqa: F401  (config_view, replay_loss_config: re-exported)
+    batch_info,
+    clip_range_pair,
+    config_view,
+    dual_clip_c,
+    kernel_loss_constants,
+    replay_loss_config,
+)
 from spear_engine.algorithms.token_ops import entropy_from_logits, masked_mean
 from spear_kernels import AGG_MODES, agg_loss, legacy_global_batch_info  # noqa: F401  (re-exported: verl API)
-from spear_kernels.loss_config import clip_ranges, loss_constants, or_fallback
-from spear_kernels.loss_config import field as _field
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
@@ -44,13 +53,6 @@ LOSS_AGG_MODES = AGG_MODES
 
 LOG_RATIO_CLAMP = 20.0
 """|log pi - log pi_old| is clamped to this before exp in the vanilla loss (as verl)."""
-
-# Official fallbacks when a *_replay constant is null (A:core_algos clip_cov / kl_cov, is_replay=True).
-REPLAY_CLIP_COV_RATIO_FALLBACK = 0.002
-REPLAY_CLIP_COV_LB_FALLBACK = 1.0
-REPLAY_CLIP_COV_UB_FALLBACK = 40.0
-REPLAY_KL_COV_RATIO_FALLBACK = 0.8
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,99 +78,6 @@ def get_policy_loss_fn(name: str) -> PolicyLossFn:
 
 
 # --------------------------------------------------------------------------------------------
-# config access (any object with attributes, optionally with .get)
-# --------------------------------------------------------------------------------------------
-def _clip_ranges(config: Any) -> tuple[float, float]:
-    """(eps_low, eps_high): ``clip_ratio_low/high``, each falling back to ``clip_ratio`` when null."""
-    ranges = clip_ranges(config)
-    return ranges["clip_ratio_low"], ranges["clip_ratio_high"]
-
-
-def _clip_ratio_c(config: Any) -> float:
-    """Dual-clip constant: ``config.get("clip_ratio_c", 3.0)`` when the config has ``.get`` (verl)."""
-    return loss_constants("vanilla", config)["clip_ratio_c"]
-
-
-def _policy_loss_cfg(config: Any) -> Any:
-    if config is None:
-        raise ValueError("this policy loss needs a config")
-    section = _field(config, "policy_loss")
-    if section is None:
-        raise ValueError("config.policy_loss is required by clip_cov / kl_cov")
-    return section
-
-
-def kernel_loss_constants(loss_mode: str, config: Any) -> dict[str, float]:
-    """The constants of ``loss_mode`` as ``spear_kernels.policy_loss`` keywords, read from ``config`` with verl's
-    fallbacks (``spear_kernels.loss_config``; for replay rows pass ``replay_loss_config(config)``)."""
-    return loss_constants(loss_mode, config)
-
-
-def _batch_info(config: Any) -> dict[str, Any]:
-    """``config.global_batch_info`` as agg_loss kwargs; missing or null means {}."""
-    if config is None:
-        return {}
-    return dict(_field(config, "global_batch_info") or {})
-
-
-class ConfigView:
-    """Read-only view of ``base`` with some attributes replaced (``.get`` and attribute access)."""
-
-    def __init__(self, base: Any, overrides: Mapping[str, Any]):
-        object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_overrides", dict(overrides))
-
-    def __getattr__(self, name: str) -> Any:
-        overrides = object.__getattribute__(self, "_overrides")
-        if name in overrides:
-            return overrides[name]
-        base = object.__getattribute__(self, "_base")
-        if isinstance(base, Mapping):
-            if name in base:
-                return base[name]
-            raise AttributeError(name)
-        return getattr(base, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        if name in self._overrides:
-            return self._overrides[name]
-        getter = getattr(self._base, "get", None)
-        if callable(getter):
-            return getter(name, default)
-        return getattr(self._base, name, default)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("a replay config view is read-only")
-
-    def __repr__(self) -> str:
-        return f"ConfigView({self._base!r}, overrides={self._overrides!r})"
-
-
-def config_view(config: Any, **overrides: Any) -> ConfigView:
-    """A read-only view of ``config`` with some attributes replaced, e.g. the per-micro-batch
-    ``global_batch_info`` a trainer passes to the loss functions (verl mutates its config instead)."""
-    return ConfigView(config, overrides)
-
-
-def replay_loss_config(config: Any) -> Any:
-    """The config the official code's ``is_replay=True`` branch reads, as a view of ``config``.
-
-    ``policy_loss.clip_cov_ratio/lb/ub`` and ``policy_loss.kl_cov_ratio`` become the ``*_replay``
-    values, each falling back (when null or absent) to the official replay defaults 0.002 / 1.0 /
-    40.0 and 0.8. Everything else, ``ppo_kl_coef`` included, reads through to
-    ``config``. Pass the view as ``config`` to any policy loss; verl's signatures stay unchanged.
-    """
-    section = _policy_loss_cfg(config)
-    replay = {
-        "clip_cov_ratio": or_fallback(_field(section, "clip_cov_ratio_replay"), REPLAY_CLIP_COV_RATIO_FALLBACK),
-        "clip_cov_lb": or_fallback(_field(section, "clip_cov_lb_replay"), REPLAY_CLIP_COV_LB_FALLBACK),
-        "clip_cov_ub": or_fallback(_field(section, "clip_cov_ub_replay"), REPLAY_CLIP_COV_UB_FALLBACK),
-        "kl_cov_ratio": or_fallback(_field(section, "kl_cov_ratio_replay"), REPLAY_KL_COV_RATIO_FALLBACK),
-    }
-    return ConfigView(config, {"policy_loss": ConfigView(section, replay)})
-
-
-# --------------------------------------------------------------------------------------------
 # aggregation (agg_loss, legacy_global_batch_info: spear_kernels', imported above)
 # --------------------------------------------------------------------------------------------
 def _aggregate(
@@ -180,7 +89,7 @@ def _aggregate(
 ) -> torch.Tensor:
     if rollout_is_weights is not None:
         loss_mat = loss_mat * rollout_is_weights
-    return agg_loss(loss_mat, response_mask, loss_agg_mode, **_batch_info(config))
+    return agg_loss(loss_mat, response_mask, loss_agg_mode, **batch_info(config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,11 +114,11 @@ def compute_policy_loss_vanilla(
     """
     if config is None:
         raise ValueError("compute_policy_loss_vanilla needs a config (clip_ratio*)")
-    eps_low, eps_high = _clip_ranges(config)
-    clip_c = _clip_ratio_c(config)
+    eps_low, eps_high = clip_range_pair(config)
+    clip_c = dual_clip_c(config)
     if use_kernels(log_prob):
         return kernel_policy_loss(
-            "vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            "vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, batch_info(config),
             rollout_is_weights, **kernel_loss_constants("vanilla", config),
         )  # fmt: skip
 
@@ -285,7 +194,7 @@ def compute_policy_loss_clip_cov(
     constants = kernel_loss_constants("clip_cov", config)
     if use_kernels(log_prob):
         return kernel_policy_loss(
-            "clip_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            "clip_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, batch_info(config),
             rollout_is_weights, **constants,
         )  # fmt: skip
     eps_low, eps_high = constants["clip_ratio_low"], constants["clip_ratio_high"]
@@ -343,7 +252,7 @@ def compute_policy_loss_kl_cov(
     constants = kernel_loss_constants("kl_cov", config)
     if use_kernels(log_prob):
         return kernel_policy_loss(
-            "kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            "kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, batch_info(config),
             rollout_is_weights, **constants,
         )  # fmt: skip
     ratio_k, beta = constants["kl_cov_ratio"], constants["ppo_kl_coef"]
@@ -373,7 +282,7 @@ def compute_policy_loss_gpg(
     """GPG: ``-A logp``, no ratio and no clipping; no metrics (``{}`` as verl 0.9)."""
     if use_kernels(log_prob):
         return kernel_policy_loss(
-            "gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, _batch_info(config),
+            "gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, batch_info(config),
             rollout_is_weights,
         )  # fmt: skip
     pg_losses = -log_prob * advantages

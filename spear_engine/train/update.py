@@ -25,15 +25,13 @@ import numpy as np
 import torch
 
 from spear_engine.algorithms.kernel_dispatch import kernel_loss_metrics
+from spear_engine.algorithms.loss_config import config_view, kernel_loss_constants, replay_loss_config
 from spear_engine.algorithms.losses import (
     actor_loss,
     agg_loss,
-    config_view,
     get_policy_loss_fn,
-    kernel_loss_constants,
     kl_penalty,
     legacy_global_batch_info,
-    replay_loss_config,
 )
 from spear_engine.config import ActorConfig
 from spear_kernels import agg_scale
