@@ -12,6 +12,7 @@ import torch
 
 from spear_engine.config_loading import load_config
 from spear_engine.rollout import vllm as vllm_module
+from spear_engine.rollout import vllm_world
 from spear_engine.train.build import engine_factory
 
 RANK_ZERO = SimpleNamespace(rank=0, world_size=1)  # the engine factory reads only the backend's rank
@@ -77,14 +78,14 @@ def test_the_trainer_passes_the_configured_kv_cache_size(recording_vllm) -> None
 def test_several_ranks_get_a_rank_local_engine_in_vllms_own_world(
     recording_vllm, monkeypatch: pytest.MonkeyPatch, tiny_path: str
 ) -> None:
-    monkeypatch.setattr(vllm_module, "in_multirank_world", lambda: True)
-    monkeypatch.setattr(vllm_module, "_rank_local_executor", lambda: "rank-local-executor")
-    monkeypatch.setattr(vllm_module, "_vllm_world", None)
+    monkeypatch.setattr(vllm_world, "in_multirank_world", lambda: True)
+    monkeypatch.setattr(vllm_world, "rank_local_executor", lambda: "rank-local-executor")
+    monkeypatch.setattr(vllm_world, "_vllm_world", None)
     c10d = torch.distributed.distributed_c10d
     trainer_state = c10d._world
     engine = vllm_module.VLLMEngine(tiny_path)
     assert recording_vllm[-1]["distributed_executor_backend"] == "rank-local-executor"
-    world = vllm_module._vllm_world
+    world = vllm_world._vllm_world
     assert engine.llm.c10d_state is world.state is not trainer_state  # vLLM was built in its own world
     assert c10d._world is trainer_state  # and the trainer's is back
 
