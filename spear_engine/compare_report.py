@@ -131,8 +131,8 @@ def results_markdown(summary: dict[str, Any], title: str = "experiment") -> str:
         "Final eval: at the last step every seed of the arm has an eval at (`eval step`). AUC: the "
         "trapezoid mean of the eval success curve over steps 0..that step. Steps done: the fewest steps "
         "any seed of the arm reached. Median s/step: over all training steps of all seeds. Step-time "
-        "overhead: the arm's median s/step over the reference's, over the steps both ran on the same kind of "
-        "machine.",
+        "overhead: the ratio of the arm's median s/step to the reference's on the same kind of machine "
+        "(a step-weighted geometric mean where they shared several).",
     ]
     lines += _cost_table(summary)
     lines += _machines_table(summary)

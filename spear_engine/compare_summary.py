@@ -4,6 +4,7 @@ eval step every run has, and notes on anything partial or missing; and the same 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -96,16 +97,23 @@ def steps_by_machine(runs: dict[str, list[Record]]) -> dict[str, dict[str, int]]
 
 def step_time_overhead(arm: dict[str, Any], ref: dict[str, Any], arm_runs: dict[str, list[Record]],
                        ref_runs: dict[str, list[Record]]) -> tuple[float | None, list[str]]:
-    """The arm's median step time over the reference's, minus 1, in percent, over the steps both arms ran
-    on the same machines only (a step on a Zen 5 against one on a Zen 4 measures the CPUs, not the
-    algorithm); None without a machine in common. Also the machines left out, for the notes."""
-    shared = set(arm["machines"]) & set(ref["machines"])
-    left_out = sorted((set(arm["machines"]) | set(ref["machines"])) - shared)
-    if not shared:
+    """The arm's step time over the reference's, minus 1, in percent, from steps on the same machine only
+    (a step on a Zen 5 against one on a Zen 4 measures the CPUs, not the algorithm): per machine both ran
+    steps on, the ratio of their median step times; over several such machines, the geometric mean of
+    those ratios weighted by the arm's steps there. None without a machine in common. Also the machines
+    left out, for the notes."""
+    shared = sorted(set(arm["machines"]) & set(ref["machines"]))
+    left_out = sorted((set(arm["machines"]) | set(ref["machines"])) - set(shared))
+    log_ratios, weights = [], []
+    for machine in shared:
+        own, base = median_step_time(arm_runs, {machine}), median_step_time(ref_runs, {machine})
+        if own and base:
+            log_ratios.append(math.log(own / base))
+            weights.append(sum(arm["machines"][machine].values()))
+    if not log_ratios:
         return None, left_out
-    own = median_step_time(arm_runs, shared)
-    base = median_step_time(ref_runs, shared)
-    return ((own / base - 1) * 100 if own is not None and base else None), left_out
+    mean_log = sum(w * x for w, x in zip(weights, log_ratios)) / sum(weights)
+    return (math.exp(mean_log) - 1) * 100, left_out
 
 
 def paired_difference(arm_runs: dict[str, list[Record]], ref_runs: dict[str, list[Record]], key: str) -> dict[str, Any]:

@@ -190,6 +190,19 @@ def test_step_time_overhead_compares_only_steps_on_the_same_machine(tmp_path: Pa
     assert "| grpo | - | seed0: 4 steps |" in md
 
 
+def test_step_time_overhead_over_several_shared_machines_is_per_machine(tmp_path: Path) -> None:
+    """Both arms ran on two machines in different proportions: pooled medians would compare mostly-fast
+    steps with mostly-slow ones (here -16.7 %); per machine the arm costs 25 % more on each."""
+    fast, slow = "fast CPU, 2 CPUs", "slow CPU, 2 CPUs"
+    write_run(tmp_path, "drbot", 0, {0: 0.1, 8: 0.2}, steps=8, secs={s: 10.0 if s <= 4 else 5.0 for s in range(1, 9)},
+              machines=[(0, slow), (4, fast)])  # fmt: skip
+    write_run(tmp_path, "spear", 0, {0: 0.1, 8: 0.2}, steps=8, secs={1: 12.5} | {s: 6.25 for s in range(2, 9)},
+              machines=[(0, slow), (1, fast)])  # fmt: skip
+    spear = json.loads(compare_experiment(tmp_path)["json"].read_text())["arms"]["spear"]
+    assert spear["overhead_pct"] == pytest.approx(25.0)
+    assert spear["machines"] == {slow: {"seed0": 1}, fast: {"seed0": 7}}
+
+
 def test_runs_without_a_machine_record_compare_with_each_other(tmp_path: Path) -> None:
     """Runs written before machines were recorded: one unknown machine, no machines table."""
     write_run(tmp_path, "drbot", 0, {0: 0.1, 4: 0.2}, steps=4, sec=10.0)
