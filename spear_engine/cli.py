@@ -21,6 +21,7 @@ examples:
   spear plot runs/spear-alfworld-...           write curves.png from the run's metrics
   spear experiment twc-cpu                     Dr.BoT / SPEAR / GRPO / ablations x 3 seeds -> results/twc-cpu
   spear experiment twc-cpu --seeds 3,4 trainer.val_seed_offset=500   other seeds, another held-out set
+  spear experiment twc-cpu --status             what is done, what resumes, what is left
   spear compare results/twc-cpu                eval curves with seed bands + results.md table
   spear demo                                   run the algorithm core on the recorded batch (spear preset)
   spear demo --preset spear-official --steps 8
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--seeds", help="comma-separated seeds instead of the file's (e.g. 3,4,5)")
     experiment.add_argument("--arms", help="comma-separated arms to run (default all)")
     experiment.add_argument("--steps", type=int, help="RL steps per run instead of the file's")
+    experiment.add_argument("--status", action="store_true",
+                            help="run nothing: say which runs are done, which resume (from which step), which start "
+                                 "over, which warm-ups are trained again, and about how long the rest takes")  # fmt: skip
     experiment.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
     compare = sub.add_parser("compare", help="compare an experiment's arms: curves with seed bands and a table")
@@ -132,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         from spear_engine.commands import run_experiment_command
 
         return run_experiment_command(args.name, args.out, _int_list(args.seeds, "--seeds"),
-                                      args.arms.split(",") if args.arms else None, args.steps, args.overrides)  # fmt: skip
+                                      args.arms.split(",") if args.arms else None, args.steps, args.overrides,
+                                      status=args.status)  # fmt: skip
     if args.command == "compare":
         from spear_engine.commands import run_compare
 

@@ -131,9 +131,10 @@ def run_plot(run_dir: str, out: str | None) -> int:
 
 
 def run_experiment_command(name: str | None, out: str | None, seeds: list[int] | None, arms: list[str] | None,
-                           steps: int | None, overrides: Sequence[str]) -> int:  # fmt: skip
-    """``spear experiment``: list the built-in experiments, or run / continue one and compare its arms."""
-    from spear_engine.experiment import list_experiments, load_experiment, run_experiment
+                           steps: int | None, overrides: Sequence[str], status: bool = False) -> int:  # fmt: skip
+    """``spear experiment``: list the built-in experiments, or run / continue one and compare its arms, or
+    (``status``) say where its results folder stands."""
+    from spear_engine.experiment import list_experiments, load_experiment, run_experiment, select
 
     if name is None:
         for known in list_experiments():
@@ -142,6 +143,11 @@ def run_experiment_command(name: str | None, out: str | None, seeds: list[int] |
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     folder = Path(out) if out else Path("results") / Path(name).stem
+    if status:
+        from spear_engine.experiment_status import experiment_status
+
+        print(experiment_status(select(load_experiment(name), seeds, arms, steps), folder))
+        return 0
     failed = run_experiment(name, folder, seeds, arms, steps, overrides)
     if any((folder / "runs").glob("*/seed*/metrics.jsonl")):
         run_compare(str(folder), None)

@@ -128,6 +128,8 @@ def runner_of(command: str) -> str | None:
     words = shlex.split(command)
     if words[0] == "spear" and len(words) > 1 and words[1] in ("train", "eval", "plot", "presets", "demo", "compare"):
         return "spear"
+    if words[:2] == ["spear", "experiment"] and "--status" in words:  # reads the committed folder, runs nothing
+        return "spear"
     if words[:2] == ["bash", "scripts/main.sh"]:
         return "main.sh"
     if (
@@ -289,6 +291,8 @@ def run_spear(words: list[str], command: str, monkeypatch: pytest.MonkeyPatch, c
     if sub == "compare":  # the committed results folder, its outputs written here
         assert args, f"README writes `{command}` without the results folder it compares"
         args = [str(REPO / args[0]), *args[1:], "--out", str(Path.cwd() / "compare")]
+    if sub == "experiment":  # --status of the committed results folder
+        args = [*args, "--out", str(REPO / "results" / args[0])]
     code = cli.main([sub, *args, *SUBCOMMAND_SHRINK.get(sub, [])])
     out, err = capsys.readouterr()
     assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-5000:]}"
@@ -299,6 +303,8 @@ def run_spear(words: list[str], command: str, monkeypatch: pytest.MonkeyPatch, c
         assert Path(out.strip().splitlines()[-1]).is_file(), out
     elif sub == "compare":
         assert all((Path.cwd() / "compare" / f).is_file() for f in ("compare.png", "results.md", "results.json")), out
+    elif sub == "experiment":
+        assert "seed 0: every run done" in out and "  drbot          done: 16 steps" in out, out
     else:
         assert out.strip(), f"`{command}` printed nothing"
 
