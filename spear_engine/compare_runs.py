@@ -3,7 +3,6 @@ merged per step, the arms in ``experiment.yaml`` order, and per-step curves over
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -11,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from spear_engine.compare_stats import mean_ci
+from spear_engine.machine import machine_spans
 from spear_engine.metrics import read_metrics
 
-MACHINES_FILE = "machines.jsonl"  # written by spear experiment: {"after_step", "machine"} per stage of a run
 MACHINE_KEY = "machine"  # the machine label load_runs adds to each training step's record
 UNRECORDED_MACHINE = "machine not recorded"
 
@@ -92,24 +91,6 @@ def load_runs(folder: str | Path) -> Runs:
     order = [arm for arm in listed_arms(folder) if arm in found]
     order += [arm for arm in found if arm not in order]
     return {arm: found[arm] for arm in order}
-
-
-def machine_spans(run_dir: Path) -> list[tuple[int, str]]:
-    """``(after_step, machine)`` per stage of a run, by step, from its machines file; empty without one.
-    Raises ValueError naming the file and line when a line is not such a record."""
-    path = run_dir / MACHINES_FILE
-    if not path.is_file():
-        return []
-    spans = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            spans.append((int(entry["after_step"]), str(entry["machine"])))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{number}: expected {{\"after_step\": int, \"machine\": str}}: {exc}") from exc
-    return sorted(spans)
 
 
 def with_machines(records: list[Record], run_dir: Path) -> list[Record]:

@@ -43,10 +43,10 @@ from spear_engine.config_loading import (
     parse_overrides,
     validate_config,
 )
+from spear_engine.machine import record_machine
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 DONE_FILE = "done.json"
-MACHINES_FILE = "machines.jsonl"  # one line per stage of a run: the steps after `after_step` ran on `machine`
 START_EVAL_FILE = "eval.json"
 
 
@@ -220,20 +220,6 @@ def run_arm_stage(config: SpearConfig, run_dir: Path, start_eval: dict[str, floa
     done = {"steps": trainer.global_step, "resumed_from": first_step, "wall_s": time.perf_counter() - start}
     (run_dir / DONE_FILE).write_text(json.dumps(done, indent=1))
     return done
-
-
-def record_machine(run_dir: Path, after_step: int) -> None:
-    """Append the machine that runs the steps after ``after_step`` to the run's machines file, so that
-    ``spear compare`` compares step times only between steps that ran on the same kind of machine (a
-    resumed run may continue elsewhere)."""
-    import torch
-
-    from spear_engine.machine import machine_label
-
-    line = {"after_step": after_step, "machine": machine_label(), "torch": torch.__version__}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / MACHINES_FILE).open("a") as out:
-        out.write(json.dumps(line) + "\n")
 
 
 def finished_steps(run_dir: Path) -> int:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spear_engine.compare_runs import MACHINES_FILE, machine_spans
 from spear_engine.experiment import DONE_FILE, START_EVAL_FILE, ExperimentSpec
+from spear_engine.machine import machine_spans
 from spear_engine.metrics import METRICS_FILE
 from spear_engine.train.checkpoint import PREFIX, list_checkpoints
 
@@ -48,7 +48,7 @@ def run_status(run_dir: Path, seed: int, arm: str, steps: int) -> RunStatus:
     started without a checkpoint (metrics only: the next call starts it over), or not started."""
     done: dict[str, Any] = json.loads((run_dir / DONE_FILE).read_text()) if (run_dir / DONE_FILE).is_file() else {}
     finished = int(done.get("steps", 0))
-    machines = sorted({label for _, label in machine_spans(run_dir)}) if (run_dir / MACHINES_FILE).is_file() else []
+    machines = sorted({label for _, label in machine_spans(run_dir)})
     where = f" on {'; '.join(machines)}" if machines else ""
     if finished >= steps:
         resumed = int(done.get("resumed_from", 0))

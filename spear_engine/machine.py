@@ -1,5 +1,7 @@
 """What machine a measurement ran on, as one short label: step times and benchmark numbers are only
-comparable between runs on the same kind of CPU (or GPU) with the same number of cores.
+comparable between runs on the same kind of CPU (or GPU) with the same number of cores. Also a run's
+``machines.jsonl`` (one line per stage, written by ``spear experiment``, read by ``spear compare`` and
+``spear experiment --status``): a resumed run may continue on another machine.
 
 The CPU's marketing name alone is not enough: cloud CPUs often report a bare ``AMD EPYC``, which a Zen 4
 and a Zen 5 share, so the label adds the CPU family and model numbers from ``/proc/cpuinfo``.
@@ -7,11 +9,15 @@ and a Zen 5 share, so the label adds the CPU family and model numbers from ``/pr
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
+MACHINES_FILE = "machines.jsonl"
+"""One line per stage of a run: ``{"after_step", "machine", "torch"}``; the steps after ``after_step`` ran there."""
 
 
 def _cpuinfo_fields(text: str) -> dict[str, str]:
@@ -46,8 +52,6 @@ def cpu_model(cpuinfo_text: str | None = None) -> str:
 
 def gpu_name() -> str | None:
     """The first CUDA device's name when torch sees one (torch is not imported here if it was not yet)."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return None
@@ -61,3 +65,32 @@ def machine_label() -> str:
     label = f"{cpu_model()}, {cpus} CPUs"
     gpu = gpu_name()
     return f"{label}, GPU {gpu}" if gpu else label
+
+
+def record_machine(run_dir: Path, after_step: int) -> None:
+    """Append the machine that runs the steps after ``after_step`` to the run's machines file, so that
+    ``spear compare`` compares step times only between steps that ran on the same kind of machine."""
+    import torch
+
+    line = {"after_step": after_step, "machine": machine_label(), "torch": torch.__version__}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / MACHINES_FILE).open("a") as out:
+        out.write(json.dumps(line) + "\n")
+
+
+def machine_spans(run_dir: Path) -> list[tuple[int, str]]:
+    """``(after_step, machine)`` per stage of a run, by step, from its machines file; empty without one.
+    Raises ValueError naming the file and line when a line is not such a record."""
+    path = run_dir / MACHINES_FILE
+    if not path.is_file():
+        return []
+    spans = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            spans.append((int(entry["after_step"]), str(entry["machine"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: expected {{\"after_step\": int, \"machine\": str}}: {exc}") from exc
+    return sorted(spans)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spear_engine.compare_runs import machine_spans
-from spear_engine.experiment import record_machine
-from spear_engine.machine import cpu_model, machine_label
+from spear_engine.machine import cpu_model, machine_label, machine_spans, record_machine
 
 XEON = """processor\t: 0
 vendor_id\t: GenuineIntel
