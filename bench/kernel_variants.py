@@ -100,14 +100,13 @@ def gemm_only(d, chunk=None):
         chunk = cpu_chunk_rows(n, v, w.dtype)
     z = torch.empty(chunk, v, dtype=w.dtype)
     dx = torch.empty_like(x)
-    dw = torch.zeros(v, x.shape[1], dtype=torch.float32)
-    dw_chunk = torch.empty(v, x.shape[1], dtype=w.dtype) if w.dtype != torch.float32 else None
+    dw = torch.zeros(v, x.shape[1], dtype=w.dtype)
     for a in range(0, n, chunk):
         xc = x[a : a + chunk]
         zc = z[: xc.shape[0]]
         torch.mm(xc, w.t(), out=zc)
         torch.mm(zc, w, out=dx[a : a + chunk])
-        mm_acc_(dw, zc.t(), xc, dw_chunk)  # the op's own fp32 accumulation of dW
+        mm_acc_(dw, zc.t(), xc)  # as the op does: dW accumulated by the GEMM in the weight's dtype
     return dx, dw
 
 

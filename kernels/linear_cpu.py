@@ -1,8 +1,14 @@
 """The torch (CPU) path of the fused lm_head + log-prob + entropy op, one token chunk of logits at a time.
 
 Per chunk: one GEMM writes the chunk's logits, an fp32 epilogue computes the statistics and turns the
-logits into dZ *in place*, then two GEMMs give dX (written once) and dW (accumulated in fp32). Extra
-memory: one logits chunk + the fp32 dW accumulator.
+logits into dZ *in place*, then two GEMMs give dX (written once) and dW (accumulated across chunks in the
+weight's own dtype by the GEMM itself, beta = 1). Extra memory: one logits chunk + dW.
+
+dW in a half dtype: each chunk's GEMM accumulates in fp32 and rounds the running sum once. The CPU has no
+half GEMM with an fp32 output; the alternative, an fp32 accumulator plus each chunk's product rounded to
+bf16 and added to it, moved 6 bytes per dW element per chunk more and cost ~14 % of the three GEMMs' time
+on a 2-core EPYC (bench/RESULTS.md), for a dW error of the same order as torch eager's (one rounding of
+the full product).
 
 Two epilogues, the same math:
 
@@ -24,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from .logprob_entropy import torch_row_grad_, torch_row_stats_
-from .utils import check_written, mm_acc_, scratch, scratch_like
+from .utils import check_written, scratch, scratch_like
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """grad_fn(start, end, logp, entropy) -> (dL/dlogp, dL/dentropy) for flattened tokens [start, end)."""
@@ -157,9 +163,9 @@ def torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want_
         lse = scratch(n, dtype=torch.float32)
     if need_grad:
         dx = scratch_like(x)
-        dw = torch.zeros(v, h, dtype=torch.float32)
+        # the first chunk's GEMM writes dW, the others add into it (no chunk at all: N = 0)
+        dw = scratch(v, h, dtype=w.dtype) if n else torch.zeros(v, h, dtype=w.dtype)
         db = torch.zeros(v, dtype=torch.float32) if b is not None else None
-        dw_chunk = scratch(v, h, dtype=w.dtype) if half else None  # each chunk's dZ^T X, for mm_acc_
     for a in range(0, n, chunk):
         e_ = min(n, a + chunk)
         xc = x[a:e_]
@@ -176,7 +182,10 @@ def torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want_
             logp[a:e_], ent[a:e_], lse[a:e_] = stats
         if need_grad:
             torch.mm(z, w, out=dx[a:e_])
-            mm_acc_(dw, z.t(), xc, dw_chunk)
+            if a == 0:
+                torch.mm(z.t(), xc, out=dw)
+            else:
+                dw.addmm_(z.t(), xc)
             if db is not None:
                 db.add_(z.sum(0, dtype=torch.float32))
     if saved is not None:

@@ -203,9 +203,16 @@ def balanced_chunk_rows(n: int, v: int, itemsize: int, budget: int) -> int:
     return -(-n // chunks)
 
 
+CPU_CHUNK_BYTES = {4: 128 << 20, 2: 192 << 20}
+"""Logits budget of one CPU chunk, by itemsize. Half dtypes get more: their GEMMs run ~3x faster than fp32
+ones on an AVX512-BF16 CPU, so a chunk's fixed costs weigh more, and 2,048-row bf16 chunks ran ~4 % faster
+than 1,366-row ones at V = 49,152 (bench/RESULTS.md) while fp32 was flat from 683 to 2,048 rows."""
+
+
 def cpu_chunk_rows(n: int, v: int, dtype: torch.dtype) -> int:
-    """Rows per chunk of the CPU path's logits buffer (128 MB budget) for n tokens over a vocabulary of v."""
-    return balanced_chunk_rows(n, v, torch.empty((), dtype=dtype).element_size(), 128 << 20)
+    """Rows per chunk of the CPU path's logits buffer (``CPU_CHUNK_BYTES``) for n tokens over a vocabulary of v."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return balanced_chunk_rows(n, v, itemsize, CPU_CHUNK_BYTES.get(itemsize, 128 << 20))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +395,9 @@ def linear_logprob_entropy(
 
     Returns:
         (logp, entropy): float32 [...], differentiable w.r.t. hidden, weight and bias with arbitrary
-        upstream gradients for both. dW accumulates in fp32. Memory: one chunk of logits, never [N, V].
+        upstream gradients for both. Memory: one chunk of logits, never [N, V]. dW: on Triton accumulated in
+        fp32; on the CPU path accumulated across chunks in the weight's dtype by the GEMM (one rounding of
+        the running sum per chunk, see ``linear_cpu``).
     """
     call = _plan(hidden, weight, labels, bias, temperature, chunk_size, backend)
     logp, ent = LinearLogprobEntropyFunction.apply(call.x, call.w, call.b, call.labels, call)
@@ -413,9 +422,9 @@ def linear_logprob_entropy_with_grad(
     after a stats pass (mode "recompute", 8·N·H·V but no fp32 dW accumulator on the Triton path).
 
     Returns (logp, entropy, dX, dW, db) with logp/entropy fp32 [N], dX like hidden ([N, H]), dW [V, H]
-    accumulated in fp32 (returned in fp32, or in the weight dtype on the Triton recompute path where each
-    vocab slice is written once by one fp32-accumulating GEMM), db fp32 [V] or None. Nothing here is
-    tracked by autograd.
+    (Triton in-forward: accumulated and returned in fp32; Triton recompute: in the weight dtype, each vocab
+    slice written once by one fp32-accumulating GEMM; CPU: in the weight dtype, accumulated across chunks
+    by the GEMM itself), db fp32 [V] or None. Nothing here is tracked by autograd.
     """
     call = _plan(hidden, weight, labels, bias, temperature, chunk_size, backend)
     x, w, b, lab, inv_t, chunk = call.x, call.w, call.b, call.labels, call.inv_t, call.chunk

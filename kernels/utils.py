@@ -306,14 +306,20 @@ def legacy_global_batch_info(loss_agg_mode: str, response_mask: torch.Tensor) ->
 _OUT_DTYPE_MM: bool | None = None
 
 
-def mm_acc_(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, product: torch.Tensor | None = None) -> None:
-    """acc32 += a @ b with fp32 accumulation, for fp32 or half inputs, without an fp32 copy of a or b.
-    ``product``: a buffer of a @ b's shape and dtype for the half fallback, reused across calls (a fresh
-    large tensor per call is a fresh mmap and its page faults every time)."""
+def mm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, product: torch.Tensor | None = None) -> None:
+    """acc += a @ b without a copy of a or b in another dtype.
+
+    * ``acc`` in a's dtype (fp32, or a half dtype on CPU): the GEMM adds into it itself (beta = 1), the GEMM
+      accumulating in fp32 and rounding the running sum once per call.
+    * ``acc`` fp32 with half inputs: on CUDA one GEMM with an fp32 output; elsewhere the partial product is
+      rounded once to the half dtype, then added in fp32. ``product``: a buffer of a @ b's shape and dtype for
+      that fallback, reused across calls (a fresh large tensor per call is a fresh mmap and its page faults
+      every time)."""
     global _OUT_DTYPE_MM
-    if a.dtype == torch.float32:
-        acc32.addmm_(a, b)
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
         return
+    acc32 = acc
     if _OUT_DTYPE_MM is not False and a.is_cuda:
         try:  # torch >= 2.8 on CUDA: bf16 GEMM with fp32 output, accumulated into acc32 by the GEMM itself
             torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)

@@ -10,8 +10,8 @@ label is -100). On a CPU, TRL's head scores every position (prompt and padding i
 tiles of 4,096 tokens × 32,768 vocabulary entries and their softmax temporaries.
 
 Here the same forward protocol is served by :func:`~spear_kernels.linear_logprob_entropy` on the labelled
-positions only (one chunk of logits at a time, 128 MB by default on CPU; Triton on CUDA). Everything else
-stays TRL's own: the chunking by ``batch_size``, ``logits_to_keep``, ``compute_entropy``, the temperature,
+positions only (one chunk of logits at a time, 128 MB fp32 / 192 MB bf16 by default on CPU; Triton on
+CUDA). Everything else stays TRL's own: the chunking by ``batch_size``, ``logits_to_keep``, ``compute_entropy``, the temperature,
 the loss, the reference model, PEFT and the accelerate / DDP wrappers (the head lives in the wrapped
 model's forward, so wrappers see an ordinary forward). Outputs have TRL's shapes and dtypes.
 
@@ -273,8 +273,8 @@ class SpearGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose per-token log-probs and entropies (policy, old and reference log-probs,
     the entropy metric, mask and bonus) come from spear_kernels: no [tokens, vocabulary] logits, only the
     completion tokens scored. Same arguments as ``GRPOTrainer``, plus keyword-only ``spear_chunk_size``
-    (tokens per logits chunk; default a 128 MB budget on CPU) and ``spear_backend`` ("auto" | "torch" |
-    "triton")."""
+    (tokens per logits chunk; default a 128 MB fp32 / 192 MB bf16 budget on CPU) and ``spear_backend``
+    ("auto" | "torch" | "triton")."""
 
     def __init__(self, *args: Any, spear_chunk_size: int | None = None, spear_backend: Backend = "auto",
                  **kwargs: Any) -> None:  # fmt: skip
