@@ -6,7 +6,7 @@ weight's own dtype by the GEMM itself, beta = 1). Extra memory: one logits chunk
 
 dW in a half dtype: each chunk's GEMM accumulates in fp32 and rounds the running sum once. The CPU has no
 half GEMM with an fp32 output; the alternative, an fp32 accumulator plus each chunk's product rounded to
-bf16 and added to it, moved 6 bytes per dW element per chunk more and cost ~14 % of the three GEMMs' time
+bf16 and added to it, moved 6 bytes per dW element per chunk more and cost ~11 % of the three GEMMs' time
 on a 2-core EPYC (bench/RESULTS.md), for a dW error of the same order as torch eager's (one rounding of
 the full product).
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from .logprob_entropy import torch_row_grad_, torch_row_stats_
-from .utils import check_written, scratch, scratch_like
+from .utils import check_written, mm_acc_, scratch, scratch_like
 
 GradFn = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """grad_fn(start, end, logp, entropy) -> (dL/dlogp, dL/dentropy) for flattened tokens [start, end)."""
@@ -163,8 +163,7 @@ def torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want_
         lse = scratch(n, dtype=torch.float32)
     if need_grad:
         dx = scratch_like(x)
-        # the first chunk's GEMM writes dW, the others add into it (no chunk at all: N = 0)
-        dw = scratch(v, h, dtype=w.dtype) if n else torch.zeros(v, h, dtype=w.dtype)
+        dw = torch.zeros(v, h, dtype=w.dtype)
         db = torch.zeros(v, dtype=torch.float32) if b is not None else None
     for a in range(0, n, chunk):
         e_ = min(n, a + chunk)
@@ -182,10 +181,7 @@ def torch_pass(x, w, b, labels, inv_t, chunk, *, grad_fn=None, saved=None, want_
             logp[a:e_], ent[a:e_], lse[a:e_] = stats
         if need_grad:
             torch.mm(z, w, out=dx[a:e_])
-            if a == 0:
-                torch.mm(z.t(), xc, out=dw)
-            else:
-                dw.addmm_(z.t(), xc)
+            mm_acc_(dw, z.t(), xc)  # same dtype: the GEMM adds into dW itself
             if db is not None:
                 db.add_(z.sum(0, dtype=torch.float32))
     if saved is not None:

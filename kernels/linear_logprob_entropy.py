@@ -205,7 +205,7 @@ def balanced_chunk_rows(n: int, v: int, itemsize: int, budget: int) -> int:
 
 CPU_CHUNK_BYTES = {4: 128 << 20, 2: 192 << 20}
 """Logits budget of one CPU chunk, by itemsize. Half dtypes get more: their GEMMs run ~3x faster than fp32
-ones on an AVX512-BF16 CPU, so a chunk's fixed costs weigh more, and 2,048-row bf16 chunks ran ~4 % faster
+ones on an AVX512-BF16 CPU, so a chunk's fixed costs weigh more, and 2,048-row bf16 chunks ran ~3 % faster
 than 1,366-row ones at V = 49,152 (bench/RESULTS.md) while fp32 was flat from 683 to 2,048 rows."""
 
 
