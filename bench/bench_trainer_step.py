@@ -13,8 +13,10 @@ The trainers take turns in one process (these VMs drift between processes); medi
 
 ``--speedup``: the quickstart step (2 groups x 4 episodes, SmolLM2-135M, TextWorld-Commonsense) with
 today's defaults against the path before the throughput work (``BASELINE``: HF generation, padded rows,
-a separate old-log-prob pass, fp32), each trainer rolling out its own episodes after one shared SFT
-warm-up; ``--new actor.autocast=bf16`` etc. change the new side only.
+a separate old-log-prob pass, fp32) after one shared SFT warm-up; ``--new actor.autocast=bf16`` etc.
+change the new side only. Every step each trainer rolls out with its own engine (timed: the engine is
+part of the path), then both train on the *same* episodes (the new side's), so the training stages
+compare on identical rows; ``--own-episodes``: each trains on its own rollout instead.
 
     python bench/bench_trainer_step.py --speedup --sft-steps 6 --warmup 1 --steps 3 --new actor.autocast=bf16
 """
@@ -76,9 +78,17 @@ BASELINE = [  # the trainer path before the throughput work (issue 10), kept beh
 ]  # fmt: skip
 
 
+def timed_rollout(trainer: Trainer) -> tuple[list, dict[str, float], float]:
+    """(episodes, rollout metrics, seconds) of one rollout of ``trainer``'s engine with its current weights."""
+    start = time.perf_counter()
+    episodes, timing = Trainer._rollout(trainer, trainer.global_step + 1)
+    return episodes, timing, time.perf_counter() - start
+
+
 def speedup(args: argparse.Namespace, out: str) -> None:
-    """The quickstart step on today's defaults vs the old path (``BASELINE``): each trainer rolls out its own
-    episodes (the engines differ), same model, episodes and warm-up; steps alternate in one process."""
+    """The quickstart step on today's defaults vs the old path (``BASELINE``): same model and warm-up, each
+    trainer's own engine timed, both trained on the same episodes (unless ``--own-episodes``); steps
+    alternate in one process."""
     extra = [f"trainer.sft_warmup_steps={args.sft_steps}", "trainer.sft_episodes=24"] if args.sft_steps else []
     base = [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", "trainer.test_freq=0", "trainer.save_freq=0",
             "trainer.total_training_steps=1000", f"model.path={args.model}", *extra, *args.override]  # fmt: skip
@@ -92,8 +102,14 @@ def speedup(args: argparse.Namespace, out: str) -> None:
         trainers["now"]._sync_weights()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
     for k in range(args.warmup + args.steps):
+        rollouts = {name: timed_rollout(trainer) for name, trainer in trainers.items()}
         for name, trainer in trainers.items():
+            episodes, timing, _ = rollouts[name if args.own_episodes else "now"]
+            own = rollouts[name][2]  # this trainer's own engine's time, whichever episodes it trains on
+            trainer._rollout = lambda t, e=episodes, m=timing: (copy.deepcopy(e), dict(m))
             metrics = trainer.train_step()
+            metrics["time/step"] += own - metrics["time/rollout"]
+            metrics["time/rollout"] = own
             if k >= args.warmup:
                 runs[name].append(metrics)
             print(f"step {k} {name}: {metrics['time/step']:.1f} s (rollout {metrics['time/rollout']:.1f} s, update "
@@ -102,17 +118,23 @@ def speedup(args: argparse.Namespace, out: str) -> None:
                   f"{metrics.get('episode/success_rate', 0):.2f}", flush=True)  # fmt: skip
     print(f"{cpu_model()}, {torch.get_num_threads()} threads; quickstart preset, model {args.model}; medians of "
           f"{args.steps} steps after {args.warmup}; load {os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"now = defaults {' '.join(args.new)}; before = {' '.join(BASELINE)}")
+    print(f"now = defaults {' '.join(args.new)}; before = {' '.join(BASELINE)}; "
+          f"{'each trains on its own rollout' if args.own_episodes else 'both train on the same episodes'}")
     keys = ["step", *STAGES]
     med = {n: {k: statistics.median(m.get(f"time/{k}", 0.0) for m in r) for k in keys} for n, r in runs.items()}
     print(f"{'stage':<20}{'before s':>10}{'now s':>10}{'before %':>10}{'now %':>9}")
     for stage in keys:
         b, n = med["before"][stage], med["now"][stage]
         print(f"{stage:<20}{b:>10.2f}{n:>10.2f}{100 * b / med['before']['step']:>9.1f}%{100 * n / med['now']['step']:>8.1f}%")
-    for metric in ("perf/real_tokens", "perf/padding_efficiency", "perf/mfu", "perf/update_mfu", "rollout/env_steps"):
+    for metric in ("perf/real_tokens", "perf/processed_tokens", "perf/padding_efficiency", "perf/prefix_sharing",
+                   "perf/mfu", "perf/update_mfu", "rollout/env_steps"):
         b, n = (statistics.median(m.get(metric, 0.0) for m in runs[k]) for k in ("before", "now"))
         print(f"{metric:<28}{b:>12.3f}{n:>12.3f}")
     print(f"speed-up of the step: {med['before']['step'] / med['now']['step']:.2f}x")
+    # per trained (sampled) token: perf/real_tokens counts every pass, so a separate old-log-prob pass doubles it
+    per_token = {n: statistics.median(m["time/step"] / max(m["perf/trained_tokens_per_s"] * m["time/update"], 1.0)
+                                      for m in r) for n, r in runs.items()}  # fmt: skip
+    print(f"speed-up per trained token: {per_token['before'] / per_token['now']:.2f}x")
     for trainer in trainers.values():
         trainer.close()
 
@@ -131,6 +153,8 @@ def main() -> None:
     parser.add_argument("--speedup", action="store_true",
                         help="quickstart step now vs the old path (BASELINE overrides) instead of SPEAR vs GRPO")
     parser.add_argument("--new", nargs="*", default=[], help="--speedup: overrides of the 'now' trainer only")
+    parser.add_argument("--own-episodes", action="store_true",
+                        help="--speedup: each trainer trains on its own rollout (default: both on the new side's)")
     parser.add_argument("override", nargs="*", help="extra key=value overrides for both presets")
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="spear-bench-")

@@ -99,6 +99,8 @@ class ActorConfig(Section):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     use_filtered_response_mask: bool = True
+    """Train with the Dr.BoT-filtered ``response_mask``. The official agent actor ignores it and uses the
+    attention mask, so filtered rows still feed the entropy bonus and clip-cov means."""
     use_remove_padding: bool = True
     """Pack the rows of a micro-batch into one sequence (position ids restart per row, attention kept within
     each row) so the model runs on real tokens only (verl's name). ``false``: the padded ``[rows, width]``
@@ -109,6 +111,12 @@ class ActorConfig(Section):
     ppo_max_token_len_per_gpu: int = Field(4096, ge=1)
     """Token budget of one forward/backward with ``use_dynamic_bsz`` (a longer row goes alone). Memory
     grows with it: about 1.2 MB of activations per token for SmolLM2-135M in fp32."""
+    share_prefixes: bool = True
+    """With ``use_remove_padding``: run a prefix that several rows of a forward share once (a prefix tree:
+    the rows of a group share their task prompt, and in the step layout turns that saw the same history
+    repeat whole prompts). Exact: every row's log-probs and gradients are those of its own forward. The
+    rows of a mini-batch are ordered so that shared prefixes meet in one forward, and the token budget
+    counts each shared token once. ``false``: one packed segment per row."""
     fused_loss: bool = True
     """Compute the policy loss fused with the lm_head (``spear_kernels.fused_linear_policy_loss``: log-prob,
     entropy, loss and the head's gradients in one pass over the vocabulary, 6·N·H·V instead of 8). The
@@ -122,8 +130,6 @@ class ActorConfig(Section):
     """Mixed precision of the training forward/backward (and of the old/ref log-prob passes): ``bf16`` runs
     the matrix products in bfloat16 under ``torch.autocast`` while weights, gradients and optimizer state
     stay in the model's dtype (fp32 master weights). Rows' log-probs and the loss stay fp32."""
-    """Train with the Dr.BoT-filtered ``response_mask``. The official agent actor ignores it and uses the
-    attention mask, so filtered rows still feed the entropy bonus and clip-cov means."""
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
 
     @property

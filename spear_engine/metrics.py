@@ -251,6 +251,8 @@ class PlainProgress:
             parts.append(f"val success {value('val/success_rate', '{:.2f}')}")
         if "perf/mfu" in metrics:
             parts += [f"mfu {value('perf/mfu', '{:.3f}')}", f"pad eff {value('perf/padding_efficiency', '{:.2f}')}"]
+            if metrics.get("perf/prefix_sharing", 1.0) > 1.0:  # shared prefixes ran once: real / ran tokens
+                parts.append(f"prefix share {value('perf/prefix_sharing', '{:.2f}')}x")
         seconds = metrics.get("time/step", per_step)
         parts += [f"s/step {seconds:.1f}", f"elapsed {_hms(now - self._origin)}",
                   f"eta {_hms(per_step * max(self.total - step, 0))}"]  # fmt: skip

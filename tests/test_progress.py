@@ -14,7 +14,7 @@ from spear_engine import cli
 from spear_engine.metrics import ConsoleProgress, PlainProgress, build_logger, console_progress
 
 STEP_LINE = re.compile(
-    r"^train step (\d+)/(\d+)  success (\S+)  entropy (\S+)(?:  buffer (\S+))?(?:  mfu \S+  pad eff \S+)?  s/step (\S+)  "
+    r"^train step (\d+)/(\d+)  success (\S+)  entropy (\S+)(?:  buffer (\S+))?(?:  mfu \S+  pad eff \S+(?:  prefix share \S+x)?)?  s/step (\S+)  "
     r"elapsed \d+:\d\d:\d\d  eta (\d+):(\d\d):(\d\d)$"
 )
 

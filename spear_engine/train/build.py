@@ -69,10 +69,12 @@ def build_policies(
         model.gradient_checkpointing_enable()
     model.train()
     temperature, packed = config.rollout.temperature, config.actor.use_remove_padding
+    shared = packed and config.actor.share_prefixes
     ref_policy = None
     if config.actor.use_kl_loss or config.algorithm.use_kl_in_reward:
-        ref_policy = FusedHeadPolicy(copy.deepcopy(model).eval().requires_grad_(False), temperature, packed=packed)
-    return FusedHeadPolicy(model, temperature=temperature, packed=packed), ref_policy, tokenizer
+        ref_policy = FusedHeadPolicy(copy.deepcopy(model).eval().requires_grad_(False), temperature, packed=packed,
+                                     share_prefixes=shared)  # fmt: skip
+    return FusedHeadPolicy(model, temperature=temperature, packed=packed, share_prefixes=shared), ref_policy, tokenizer
 
 
 def build_backend(config: SpearConfig, policy: FusedHeadPolicy, device: torch.device) -> Backend:

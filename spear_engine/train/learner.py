@@ -20,6 +20,7 @@ from spear_engine.train import collectives
 from spear_engine.train.backends import Backend
 from spear_engine.train.perf import TokenMeter
 from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch, TokenLoss, response_aligned
+from spear_engine.train.prefix_tree import distinct_tokens, real_rows
 from spear_engine.train.update import LossRows, micro_batches
 
 
@@ -58,7 +59,20 @@ class PolicyLearner:
                                                   batch.response_attention_mask)  # fmt: skip
 
     def loss_rows(self, inputs: SequenceBatch, **tensors: torch.Tensor | None) -> LossRows:
-        return LossRows(inputs, tokens=inputs.row_tokens, **tensors).to(self.device)  # type: ignore[arg-type]
+        return LossRows(inputs, tokens=inputs.row_tokens, row_ids=self._row_ids(self.policy, inputs),
+                        **tensors).to(self.device)  # type: ignore[arg-type]  # fmt: skip
+
+    @staticmethod
+    def _row_ids(policy: FusedHeadPolicy | None, inputs: SequenceBatch) -> list[list[int]] | None:
+        """Each row's tokens when ``policy`` runs shared prefixes once (to group such rows), else None."""
+        if policy is None or not policy.share_prefixes:
+            return None
+        return real_rows(inputs.input_ids, inputs.attention_mask)
+
+    def _meter(self, policy: FusedHeadPolicy, rows: SequenceBatch, kind: str) -> None:
+        ids = self._row_ids(policy, rows)
+        self.token_meter.add(rows.attention_mask, int(rows.response_attention.sum()), kind, policy.packed,
+                             None if ids is None else distinct_tokens(ids))  # fmt: skip
 
     def token_stats(self, inputs: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self._token_stats(self.policy, inputs)
@@ -69,8 +83,7 @@ class PolicyLearner:
     def forward(self, idx: np.ndarray, rows: LossRows, loss: TokenLoss | None = None) -> tuple[Any, ...]:
         """The training forward of rows ``idx`` (with ``loss``: the fused loss too, see ``FusedHeadPolicy``)."""
         selected = rows.inputs.select(torch.as_tensor(idx))
-        self.token_meter.add(selected.attention_mask, int(selected.response_attention.sum()), "train",
-                             self.policy.packed)  # fmt: skip
+        self._meter(self.policy, selected, "train")
         with self.autocast():
             if loss is None:
                 return self.backend.forward(selected.to(self.device))
@@ -88,7 +101,8 @@ class PolicyLearner:
             return response_aligned(torch.as_tensor(values), firsts, lengths, width)
 
         return LossRows(sequences, aligned(replay.logp), aligned(replay.token_advantages()),
-                        aligned(replay.loss_mask()), tokens=sequences.row_tokens).to(self.device)  # fmt: skip
+                        aligned(replay.loss_mask()), tokens=sequences.row_tokens,
+                        row_ids=self._row_ids(self.policy, sequences)).to(self.device)  # fmt: skip
 
     def old_log_probs_from_update(self, rows: int) -> bool:
         """Whether the update is exactly on-policy, so its own first forward gives the old log-probs: one
@@ -125,12 +139,15 @@ class PolicyLearner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies under ``policy`` (no gradient), micro-batch by micro-batch, on the CPU."""
         assert policy is not None
-        parts = []
-        everything = np.arange(sequences.input_ids.shape[0])
-        for idx in micro_batches(sequences.row_tokens, everything, self.config.actor):  # as the update's
-            rows = sequences.select(torch.as_tensor(idx))
-            self.token_meter.add(rows.attention_mask, int(rows.response_attention.sum()), "forward", policy.packed)
+        shape = sequences.responses.shape
+        log_probs, entropy = torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32)
+        everything = np.arange(shape[0])
+        row_ids = self._row_ids(policy, sequences)
+        for idx in micro_batches(sequences.row_tokens, everything, self.config.actor, row_ids):  # as the update's
+            where = torch.as_tensor(idx)
+            rows = sequences.select(where)
+            self._meter(policy, rows, "forward")
             with self.autocast():
                 out = self.backend.forward(rows.to(self.device)) if policy is self.policy else policy(rows.to(self.device))
-            parts.append((out[0].cpu(), out[1].cpu()))
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            log_probs[where], entropy[where] = out[0].float().cpu(), out[1].float().cpu()
+        return log_probs, entropy

@@ -13,6 +13,15 @@ function). :data:`PACKED_ATTENTION` is an attention implementation registered wi
 Packing is what removes padding from training (``actor.use_remove_padding``): the body of the model
 runs on real tokens only. ``cu_seq_lens`` travel as forward keyword arguments (not global state), so a
 gradient-checkpointed layer recomputed in the backward sees them again.
+
+**Shared prefixes** (``actor.share_prefixes``): rows that begin with the same tokens (the episodes of a
+group share their task prompt; in the step layout a policy that acts alike repeats whole prompts) are
+packed as a prefix tree: a token common to several rows is run once, and each row's own tokens attend to
+the shared ones through ``packed_key_index`` (every row's path in the tree, concatenated) with
+``cu_seq_lens_k`` its bounds. The queries of a row are only its own new tokens, its keys its whole path,
+causal aligned at the bottom right (a query at depth ``d`` sees the path up to ``d``). A token's hidden
+state depends on its own prefix only, so the log-probs and gradients are those of the rows run one by
+one (the shared tokens' gradient is the sum over the rows that share them), with fewer FLOPs.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from spear_engine.train.prefix_tree import pack_prefix_tree
 
 PACKED_ATTENTION = "spear_packed"
 
@@ -52,34 +63,47 @@ def packed_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [1, Hq, T, d], key/value [1, Hkv, T, d] -> ([1, T, Hq, d], None), as transformers' interface."""
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is None:
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
     if query.shape[0] != 1:
         raise ValueError(f"a packed forward takes one sequence (batch size 1), got {query.shape[0]}")
     dropout = dropout if module.training else 0.0
+    key_index = kwargs.get("packed_key_index")
+    cu_k = cu_q if key_index is None else kwargs["cu_seq_lens_k"]
+    if key_index is not None:  # each row's keys: its whole path in the prefix tree
+        key, value = key.index_select(2, key_index), value.index_select(2, key_index)
     varlen = _flash_varlen() if query.is_cuda else None
-    if varlen is not None:
+    if varlen is not None:  # causal with fewer queries than keys aligns at the bottom right (flash-attn >= 2.1)
         out = varlen(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-            cu_seqlens.to(torch.int32), cu_seqlens.to(torch.int32),
+            cu_q.to(torch.int32), cu_k.to(torch.int32),
             int(kwargs.get("max_length_q") or query.shape[2]), int(kwargs.get("max_length_k") or key.shape[2]),
             dropout_p=dropout, softmax_scale=scaling, causal=True,
         )  # fmt: skip
         return out[None], None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    bounds = cu_seqlens.tolist()
     parts = []
-    for start, end in itertools.pairwise(bounds):
-        if end > start:
-            parts.append(F.scaled_dot_product_attention(
-                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                dropout_p=dropout, scale=scaling, is_causal=True,
-            ))  # fmt: skip
+    for (q_start, q_end), (k_start, k_end) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist()),
+                                                  strict=True):  # fmt: skip
+        if q_end > q_start:
+            parts.append(_causal_attention(query[:, :, q_start:q_end], key[:, :, k_start:k_end],
+                                           value[:, :, k_start:k_end], dropout, scaling))  # fmt: skip
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None
+) -> torch.Tensor:
+    """SDPA of the last ``Lq`` positions of a causal sequence of ``Lk`` keys (bottom-right aligned)."""
+    lq, lk = query.shape[2], key.shape[2]
+    if lq == lk:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
@@ -100,8 +124,11 @@ def use_packed_attention(model: torch.nn.Module) -> None:
                          f"AttentionInterface); set actor.use_remove_padding=false.")  # fmt: skip
 
 
-def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The real tokens of [N, W] rows as one packed sequence.
+def pack_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefixes: bool = False
+) -> dict[str, Any]:
+    """The real tokens of [N, W] rows as one packed sequence (``share_prefixes``: as a prefix tree, see
+    :func:`pack_prefix_tree`, when two rows share at least their first token).
 
     Each row's real tokens should be contiguous (every row the trainer builds is: left-padded prompt,
     right-padded response). A hole inside a row is dropped here, while the padded forward would still let
@@ -110,6 +137,10 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str
     Returns ``input_ids``/``position_ids`` [1, T], ``cu_seqlens`` [N + 1] and ``index`` [N, W]: the packed
     position of each real token, -1 for padding."""
     mask = attention_mask.bool()
+    if share_prefixes:
+        tree = pack_prefix_tree(input_ids, mask)
+        if tree is not None:
+            return tree
     lengths = mask.sum(1)
     total = int(lengths.sum())
     device = input_ids.device

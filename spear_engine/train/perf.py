@@ -3,10 +3,14 @@ machine's own GEMM rate measured once per process.
 
 * ``perf/real_tokens``: tokens the trainer's passes ran that are real (attention 1), forward-only passes
   (old / reference log-probs) and training passes (forward + backward) together.
-* ``perf/padding_efficiency``: real / processed tokens of those passes (processed = rows x padded width).
+* ``perf/padding_efficiency``: real / processed tokens the model body ran (processed = rows x padded width;
+  packed rows: the real tokens, 1.0).
+* ``perf/prefix_sharing``: real tokens of the rows / real tokens the body ran (> 1 when a prefix several rows
+  share ran once, ``actor.share_prefixes``).
 * ``perf/model_flops``: 6·P per trained token + 2·P per forward-only token + 2·P per generated token, where a
-  token's P is the body's parameters (all but the embedding and the head) for every real token plus the
-  head's for the positions that predict a response token (the fused policy runs the head only there).
+  token's P is the body's parameters (all but the embedding and the head) for every real token the body
+  ran (a shared prefix once: the FLOPs done, not those of the rows one by one) plus the head's for the
+  positions that predict a response token (the fused policy runs the head only there).
 * ``perf/mfu``: model FLOPs of the step / (step time x the GEMM rate); ``perf/update_mfu``: the training
   passes' 6·P per token / (update time x the GEMM rate). The rate is a square GEMM of the model's dtype on
   its device, timed at start-up (``perf/gemm_tflops``), so the ratio reads the same on any machine.
@@ -69,39 +73,48 @@ def gemm_flops_per_s(dtype: torch.dtype, device: str = "cpu", size: int | None =
 @dataclass
 class TokenMeter:
     """Counts the tokens of every pass the trainer runs in a step, ``forward`` (no gradient) or ``train``:
-    real (attention 1), processed (rows x padded width; the real tokens when packed) and predicted (response positions, through the head)."""
+    real (attention 1), ran (the real tokens the body ran: fewer when shared prefixes run once), processed
+    (rows x padded width; the tokens ran when packed) and predicted (response positions, through the head)."""
 
     real: dict[str, int] = field(default_factory=lambda: {"forward": 0, "train": 0})
+    ran: dict[str, int] = field(default_factory=lambda: {"forward": 0, "train": 0})
     processed: dict[str, int] = field(default_factory=lambda: {"forward": 0, "train": 0})
     predicted: dict[str, int] = field(default_factory=lambda: {"forward": 0, "train": 0})
 
-    def add(self, attention_mask: torch.Tensor, predicted: int, kind: str, packed: bool = False) -> None:
-        """One forward over these rows; ``packed``: the model ran on the real tokens only."""
+    def add(
+        self, attention_mask: torch.Tensor, predicted: int, kind: str, packed: bool = False, ran: int | None = None
+    ) -> None:
+        """One forward over these rows; ``packed``: the model ran on the real tokens only, ``ran`` of them
+        (None: all; fewer with shared prefixes)."""
         real = int(attention_mask.sum())
+        ran = real if ran is None or not packed else int(ran)
         self.real[kind] += real
-        self.processed[kind] += real if packed else int(attention_mask.numel())
+        self.ran[kind] += ran
+        self.processed[kind] += ran if packed else int(attention_mask.numel())
         self.predicted[kind] += int(predicted)
 
     def reset(self) -> None:
-        for counts in (self.real, self.processed, self.predicted):
+        for counts in (self.real, self.ran, self.processed, self.predicted):
             for kind in counts:
                 counts[kind] = 0
 
     def flops(self, params: tuple[int, int], kind: str) -> float:
-        """Forward FLOPs of ``kind``'s passes: 2 x (body params x real tokens + head params x predicted)."""
+        """Forward FLOPs of ``kind``'s passes: 2 x (body params x tokens ran + head params x predicted)."""
         body, head = params
-        return 2.0 * (body * self.real[kind] + head * self.predicted[kind])
+        return 2.0 * (body * self.ran[kind] + head * self.predicted[kind])
 
     def metrics(self, params: tuple[int, int], gemm_rate: float, step_s: float, update_s: float,
                 generated_tokens: float = 0.0) -> dict[str, float]:  # fmt: skip
         real = sum(self.real.values())
+        ran = sum(self.ran.values())
         processed = sum(self.processed.values())
         train_flops = 3.0 * self.flops(params, "train")  # forward + backward (2x the forward)
         flops = train_flops + self.flops(params, "forward") + 2.0 * sum(params) * generated_tokens
         return {
             "perf/real_tokens": float(real),
             "perf/processed_tokens": float(processed),
-            "perf/padding_efficiency": real / processed if processed else 1.0,
+            "perf/padding_efficiency": ran / processed if processed else 1.0,
+            "perf/prefix_sharing": real / ran if ran else 1.0,
             "perf/model_flops": flops,
             "perf/gemm_tflops": gemm_rate / 1e12,
             "perf/mfu": flops / max(step_s * gemm_rate, 1e-9),

@@ -34,6 +34,7 @@ from spear_engine.algorithms.losses import (
     legacy_global_batch_info,
 )
 from spear_engine.config import ActorConfig
+from spear_engine.train.prefix_tree import shared_prefix_chunks
 from spear_kernels import agg_scale
 
 Forward = Callable[[np.ndarray, "LossRows"], tuple[torch.Tensor, torch.Tensor]]
@@ -58,6 +59,9 @@ class LossRows:
     tokens: torch.Tensor | None = None
     """Tokens the forward processes per row, for token-budget micro-batches (``actor.use_dynamic_bsz``);
     None: micro-batches of ``ppo_micro_batch_size_per_gpu`` rows."""
+    row_ids: list[list[int]] | None = None
+    """Each row's real token ids when the forward runs a prefix shared by rows once (``actor.share_prefixes``):
+    micro-batches then gather rows with common prefixes and count a shared token once; None: rows as they come."""
     forward_log_prob: torch.Tensor | None = None
     """With ``old_log_prob=None``: the detached log-probs of each row's forward, filled by the update."""
     forward_entropy: torch.Tensor | None = None
@@ -73,7 +77,7 @@ class LossRows:
             return None if t is None else t.to(device)
 
         return LossRows(self.inputs, move(self.old_log_prob), move(self.advantages), move(self.loss_mask),  # type: ignore[arg-type]
-                        move(self.weights), move(self.ref_log_prob), self.tokens)  # fmt: skip
+                        move(self.weights), move(self.ref_log_prob), self.tokens, self.row_ids)  # fmt: skip
 
     def old_log_probs_of(
         self, idx: np.ndarray, log_probs: torch.Tensor, entropy: torch.Tensor
@@ -214,7 +218,7 @@ def _micro_plan(part: _Part, config: ActorConfig, world_size: int) -> list[tuple
     the official SPEAR code): each micro-batch is normalised on its own, then divided by the number of
     micro-batches (grad_accum).
     """
-    micros = micro_batches(part.rows.tokens, part.mini, config)
+    micros = micro_batches(part.rows.tokens, part.mini, config, part.rows.row_ids)
     tokens, rows = _global_counts(part.rows.loss_mask[part.mini], world_size)
     mini_info = {"batch_num_tokens": tokens, "global_batch_size": rows, "dp_size": world_size}
     plan = []
@@ -232,9 +236,19 @@ def _micro_plan(part: _Part, config: ActorConfig, world_size: int) -> list[tuple
     return plan
 
 
-def micro_batches(tokens: torch.Tensor | None, mini: np.ndarray, config: ActorConfig) -> list[np.ndarray]:
+def micro_batches(
+    tokens: torch.Tensor | None, mini: np.ndarray, config: ActorConfig, row_ids: list[list[int]] | None = None
+) -> list[np.ndarray]:
     """The row indices of each forward of a mini-batch: up to ``ppo_max_token_len_per_gpu`` tokens with
-    ``use_dynamic_bsz`` (and known row lengths ``tokens``), else ``ppo_micro_batch_size_per_gpu`` rows."""
+    ``use_dynamic_bsz`` (and known row lengths ``tokens``), else ``ppo_micro_batch_size_per_gpu`` rows.
+    With ``row_ids`` (a prefix-sharing forward), rows are ordered by their tokens first and, with a token
+    budget, a prefix shared within a micro-batch counts once (:func:`shared_prefix_chunks`)."""
+    if row_ids is not None:
+        rows = [row_ids[i] for i in mini.tolist()]
+        if config.use_dynamic_bsz:
+            return [mini[c] for c in shared_prefix_chunks(rows, config.ppo_max_token_len_per_gpu)]
+        ordered = mini[np.array(sorted(range(len(rows)), key=rows.__getitem__), dtype=np.int64)]
+        return [ordered[c] for c in _chunks(len(ordered), config.ppo_micro_batch_size_per_gpu)]
     if config.use_dynamic_bsz and tokens is not None:
         lengths = tokens[torch.as_tensor(mini)].numpy()
         return [mini[c] for c in token_budget_chunks(lengths, config.ppo_max_token_len_per_gpu)]

@@ -22,6 +22,7 @@ from spear_engine.data import Episode, RolloutBatch, Turn
 from spear_engine.models import load_model
 from spear_engine.train.backends import TorchBackend
 from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch
+from spear_engine.train.prefix_tree import distinct_tokens, pack_prefix_tree, shared_prefix_chunks
 from spear_engine.train.update import LossRows, micro_batches, token_budget_chunks, update_actor
 
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=0.05, atol=0.08)}
@@ -67,8 +68,56 @@ def replay_rows(seed: int, vocab: int) -> SequenceBatch:
     return SequenceBatch.from_flagged_rows(tokens, flags, lengths, pad_id=0)[0]
 
 
-def forward_and_grads(model: torch.nn.Module, rows: SequenceBatch, packed: bool, seed: int):
-    policy = FusedHeadPolicy(copy.deepcopy(model), packed=packed)
+def _group_episodes(g: torch.Generator, vocab: int) -> list[Episode]:
+    """Two groups of three episodes that start alike, as a group's episodes do (same task prompt, some the same
+    first action): turn prompts share prefixes, a few whole rows repeat and one row is a prefix of another."""
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    def turn(prompt: list[int], response: list[int]) -> Turn:
+        return Turn(prompt_ids=prompt, response_ids=response, rollout_log_probs=[-1.0] * len(response),
+                    response_text="<action>go</action>", observation="obs", action_valid=True, tool_calls=0,
+                    reward=0.0)  # fmt: skip
+
+    episodes = []
+    for group in range(2):
+        task, first = ids(6, 12), ids(2, 5)
+        for k in range(3):
+            turns, history = [], task + first
+            for step in range(int(torch.randint(1, 4, (1,), generator=g))):
+                same = step == 0 and k < 2  # the first two episodes open with the same action
+                response = first if same else ids(1, 7)
+                turns.append(turn(list(history), response))
+                history = history + response + ids(1, 4)  # the next prompt extends this one
+            episodes.append(Episode(group_id=group, traj_id=3 * group + k, turns=turns, success=False))
+    return episodes
+
+
+def shared_rows(source: str, seed: int, vocab: int) -> SequenceBatch:
+    """Rows with shared prefixes from episodes (step / trajectory layout) or stored replay rows."""
+    g = torch.Generator().manual_seed(seed)
+    episodes = _group_episodes(g, vocab)
+    batch = RolloutBatch.from_episodes(episodes, 0, layout="step" if source == "replay" else source)
+    rows = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
+                                              batch.response_attention_mask)  # fmt: skip
+    if source != "replay":
+        return rows
+    real = rows.attention_mask.bool()  # the same rows as the replay buffer stores them: right-padded, flagged
+    lengths = real.sum(1)
+    tokens = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
+    flags = torch.zeros(tokens.shape, dtype=torch.bool)
+    for i in range(len(lengths)):
+        n, prompt = int(lengths[i]), int(real[i, : rows.prompt_width].sum())
+        tokens[i, :n] = rows.input_ids[i][real[i]]
+        flags[i, prompt:n] = True
+    return SequenceBatch.from_flagged_rows(tokens, flags, lengths, pad_id=0)[0]
+
+
+def forward_and_grads(
+    model: torch.nn.Module, rows: SequenceBatch, packed: bool, seed: int, share_prefixes: bool = False
+):
+    policy = FusedHeadPolicy(copy.deepcopy(model), packed=packed, share_prefixes=share_prefixes)
     logp, entropy = policy(rows)
     g = torch.Generator().manual_seed(seed)
     weights = torch.randn(logp.shape, generator=g)
@@ -100,6 +149,57 @@ def test_packed_forward_matches_padded(tiny: torch.nn.Module, source: str, dtype
     padded = forward_and_grads(model, rows, packed=False, seed=seed)
     packed = forward_and_grads(model, rows, packed=True, seed=seed)
     assert_same(padded, packed, rows.response_attention.bool(), dtype)
+
+
+def distinct_prefixes(rows: SequenceBatch) -> int:
+    """Tokens a prefix tree of the rows holds, counted independently: the rows' distinct non-empty prefixes."""
+    prefixes = set()
+    for ids, mask in zip(rows.input_ids, rows.attention_mask.bool()):
+        tokens = tuple(ids[mask].tolist())
+        prefixes.update(tokens[: k + 1] for k in range(len(tokens)))
+    return len(prefixes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("source", ["step", "trajectory", "replay"])
+def test_shared_prefix_forward_matches_padded(tiny: torch.nn.Module, source: str, dtype: torch.dtype) -> None:
+    """``actor.share_prefixes``: each shared prefix runs once, and every row's log-probs, entropies and the
+    gradients are those of the padded forward (where every row runs on its own)."""
+    seed = {"step": 61, "trajectory": 62, "replay": 63}[source]
+    rows = shared_rows(source, seed, tiny.config.vocab_size)
+    tree = pack_prefix_tree(rows.input_ids, rows.attention_mask.bool())
+    assert tree is not None
+    real = int(rows.attention_mask.sum())
+    assert tree["input_ids"].shape[1] == distinct_prefixes(rows) < 0.8 * real  # prefixes really are shared
+    ids = tree["input_ids"][0]
+    for i in range(len(rows.input_ids)):  # every real token maps to a node holding that token, at its depth
+        mask = rows.attention_mask[i].bool()
+        nodes = tree["index"][i][mask]
+        assert torch.equal(ids[nodes], rows.input_ids[i][mask])
+        assert torch.equal(tree["position_ids"][0][nodes], torch.arange(int(mask.sum())))
+    model = copy.deepcopy(tiny).to(dtype)
+    padded = forward_and_grads(model, rows, packed=False, seed=seed)
+    shared = forward_and_grads(model, rows, packed=True, seed=seed, share_prefixes=True)
+    assert_same(padded, shared, rows.response_attention.bool(), dtype)
+
+
+def test_shared_prefix_rows_never_attend_across_rows(tiny: torch.nn.Module) -> None:
+    """A row that shares a prefix with others sees only its own path: changing its last token changes its own
+    log-probs and leaves every other row's exactly as they were."""
+    rows = shared_rows("step", 71, tiny.config.vocab_size)
+    policy = FusedHeadPolicy(copy.deepcopy(tiny), packed=True, share_prefixes=True)
+    real = rows.attention_mask.bool()
+    lengths = real.sum(1)
+    last = int(torch.argmax(lengths))  # the longest row: its last token is in no other row
+    with torch.no_grad():
+        before, _ = policy(rows)
+        changed = SequenceBatch(rows.input_ids.clone(), rows.attention_mask, rows.prompt_width)
+        end = int(torch.nonzero(real[last])[-1])
+        changed.input_ids[last, end - 1] = (changed.input_ids[last, end - 1] + 1) % tiny.config.vocab_size
+        after, _ = policy(changed)
+    others = torch.arange(len(lengths)) != last
+    assert not torch.equal(before[last], after[last])
+    torch.testing.assert_close(after[others], before[others], rtol=0, atol=1e-6)
 
 
 def test_packed_rows_never_attend_across_rows(tiny: torch.nn.Module) -> None:
@@ -167,6 +267,27 @@ def test_token_budget_chunks_fill_up_to_the_budget() -> None:
     assert token_budget_chunks(np.array([], dtype=int), 10) == []
 
 
+def test_shared_prefix_chunks_group_common_prefixes_within_the_budget() -> None:
+    g = np.random.default_rng(7)
+    stems = [g.integers(0, 5, size=g.integers(1, 12)).tolist() for _ in range(6)]
+    rows = [stems[g.integers(0, 6)] + g.integers(0, 5, size=g.integers(0, 8)).tolist() for _ in range(60)]
+    rows = [r for r in rows if r]
+    for budget in (1, 9, 30, 100, 10_000):
+        chunks = shared_prefix_chunks(rows, budget)
+        assert sorted(np.concatenate(chunks).tolist()) == list(range(len(rows)))  # every row once
+        for chunk in chunks:
+            group = [rows[i] for i in chunk]
+            cost = len({tuple(r[: k + 1]) for r in group for k in range(len(r))})  # distinct prefixes
+            assert distinct_tokens(group) == cost
+            assert len(chunk) == 1 or cost <= budget
+        for a, b in itertools.pairwise(chunks):  # greedy: the next row did not fit
+            group = [rows[i] for i in (*a, b[0])]
+            assert len({tuple(r[: k + 1]) for r in group for k in range(len(r))}) > budget
+        order = np.concatenate(chunks)
+        assert [rows[i] for i in order] == sorted(rows)  # rows with a common prefix side by side
+    assert shared_prefix_chunks([], 10) == []
+
+
 def _loss_rows(inputs: SequenceBatch, seed: int) -> LossRows:
     g = torch.Generator().manual_seed(seed)
     mask = inputs.response_attention.float()
@@ -205,6 +326,32 @@ def test_packed_token_budget_update_matches_padded_row_micro_batches(
     assert_close_grads(packed_grads, padded_grads, 1e-4)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_shared_prefix_update_matches_padded_row_micro_batches(tiny: torch.nn.Module, mode: str) -> None:
+    """One PPO step on rows with shared prefixes: prefix-tree forwards in micro-batches that gather common
+    prefixes (a budget that counts a shared token once) vs padded rows, 2 per micro-batch, in batch order."""
+    rows = shared_rows("step", 81, tiny.config.vocab_size)
+    results = []
+    for shared in (False, True):
+        on_policy = _loss_rows(rows, 81)
+        if shared:
+            on_policy.row_ids = [ids[m].tolist() for ids, m in zip(rows.input_ids, rows.attention_mask.bool())]
+        config = ActorConfig(ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=2, lr=1e-2, grad_clip=1e9,
+                             entropy_coeff=0.01, loss_agg_mode=mode, use_dynamic_bsz=shared,
+                             ppo_max_token_len_per_gpu=60, policy_loss=PolicyLossConfig(loss_mode="vanilla"))  # fmt: skip
+        if shared:  # more than one forward, and not in batch order
+            micros = micro_batches(on_policy.tokens, np.arange(len(on_policy)), config, on_policy.row_ids)
+            assert len(micros) > 1 and not np.array_equal(np.concatenate(micros), np.arange(len(on_policy)))
+        policy = FusedHeadPolicy(copy.deepcopy(tiny), packed=shared, share_prefixes=shared)
+        backend = RecordingBackend(policy, lr=1e-2, weight_decay=0.0, grad_clip=1e9)
+        metrics = update_actor(lambda idx, r, b=backend: b.forward(r.inputs.select(torch.as_tensor(idx))),
+                               backend, config, on_policy)  # fmt: skip
+        results.append((backend.grads, metrics))
+    (padded_grads, padded_metrics), (shared_grads, shared_metrics) = results
+    assert padded_metrics["actor/optimizer_steps"] == shared_metrics["actor/optimizer_steps"] == 1
+    assert_close_grads(shared_grads, padded_grads, 1e-4)
+
+
 def test_on_policy_rows_take_old_log_probs_from_their_first_forward(tiny: torch.nn.Module) -> None:
     """``old_log_prob=None`` (one epoch, one mini-batch): the step equals one with the old log-probs of a
     separate no-grad pass, and the rows' forward log-probs are handed back."""
@@ -231,3 +378,30 @@ def test_on_policy_rows_take_old_log_probs_from_their_first_forward(tiny: torch.
         update_actor(
             lambda idx, r: None, None, config.model_copy(update={"ppo_epochs": 2}), copy.copy(reuse_rows)
         )
+
+
+def test_learner_no_grad_pass_returns_rows_in_batch_order_with_shared_prefixes(tiny: torch.nn.Module) -> None:
+    """The separate log-prob pass (old / reference log-probs) forwards rows grouped by prefix, out of batch
+    order, and hands each row's values back in its own place; the token meter counts the tokens ran."""
+    from spear_engine.config_loading import load_config
+    from spear_engine.train.learner import PolicyLearner
+    from spear_engine.train.perf import TokenMeter
+
+    rows = shared_rows("step", 91, tiny.config.vocab_size)
+    config = load_config("grpo", ["model.path=tiny", "actor.ppo_max_token_len_per_gpu=60"])
+    policy = FusedHeadPolicy(copy.deepcopy(tiny), packed=True, share_prefixes=True)
+    meter = TokenMeter()
+    learner = PolicyLearner(config, policy, None, TorchBackend(policy, lr=1e-3, weight_decay=0.0, grad_clip=1.0),
+                            None, True, torch.device("cpu"), 0, meter)  # fmt: skip
+    row_ids = [ids[m].tolist() for ids, m in zip(rows.input_ids, rows.attention_mask.bool())]
+    micros = micro_batches(rows.row_tokens, np.arange(len(row_ids)), config.actor, row_ids)
+    assert len(micros) > 1 and not np.array_equal(np.concatenate(micros), np.arange(len(row_ids)))
+    log_probs, entropy = learner.token_stats(rows)
+    with torch.no_grad():
+        expected = FusedHeadPolicy(copy.deepcopy(tiny), packed=False)(rows)
+    valid = rows.response_attention.bool()
+    torch.testing.assert_close(log_probs[valid], expected[0][valid], **TOLERANCE[torch.float32])
+    torch.testing.assert_close(entropy[valid], expected[1][valid], **TOLERANCE[torch.float32])
+    assert meter.real["forward"] == int(rows.attention_mask.sum())
+    assert meter.ran["forward"] == sum(distinct_tokens([row_ids[i] for i in m]) for m in micros)
+    assert meter.ran["forward"] < meter.real["forward"]

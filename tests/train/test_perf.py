@@ -13,6 +13,7 @@ import spear_engine.step as step_module
 from spear_engine.config_loading import load_config
 from spear_engine.metrics import PlainProgress
 from spear_engine.train.perf import TokenMeter, flop_params, gemm_flops_per_s
+from spear_engine.train.policy import SequenceBatch
 from spear_engine.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -74,7 +75,18 @@ def test_gemm_rate_is_the_fastest_timing_after_the_warm_up(monkeypatch: pytest.M
     assert rate == pytest.approx(2.0 * 64**3 / 0.02)  # not the warm-up's 0.001, not the median's 0.9
 
 
-@pytest.mark.parametrize("passes", ["separate_old_log_prob_padded", "old_log_prob_from_update_packed"])
+def distinct_prefixes(rows: SequenceBatch) -> int:
+    """Tokens a prefix tree of the rows holds: the rows' distinct non-empty prefixes."""
+    prefixes = set()
+    for ids, mask in zip(rows.input_ids, rows.attention_mask.bool()):
+        tokens = tuple(ids[mask].tolist())
+        prefixes.update(tokens[: k + 1] for k in range(len(tokens)))
+    return len(prefixes)
+
+
+@pytest.mark.parametrize(
+    "passes", ["separate_old_log_prob_padded", "old_log_prob_from_update_packed", "packed_shared_prefixes"]
+)
 def test_trainer_reports_the_tokens_of_its_passes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: str
 ) -> None:
@@ -93,6 +105,7 @@ def test_trainer_reports_the_tokens_of_its_passes(
         "trainer.logger=[jsonl]", "trainer.test_freq=0", "trainer.total_training_steps=1",
         f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
         f"actor.recompute_old_log_prob={'always' if separate else 'auto'}", f"actor.use_remove_padding={not separate}",
+        f"actor.share_prefixes={passes == 'packed_shared_prefixes'}",
     ])  # fmt: skip
     trainer = Trainer(config, console=False)
     try:
@@ -104,18 +117,22 @@ def test_trainer_reports_the_tokens_of_its_passes(
     real = int(sequences.attention_mask.sum())
     predicted = int(sequences.response_attention.sum())
     body, head = trainer.flop_params
-    forward = 2 * (body * real + head * predicted)
+    ran = distinct_prefixes(sequences) if passes == "packed_shared_prefixes" else real
+    forward = 2 * (body * ran + head * predicted)
     if separate:  # one forward-only pass (old log-probs) and one training pass (1 epoch), padded rows
         assert metrics["trainer/old_log_prob_from_update"] == 0.0
         assert metrics["perf/real_tokens"] == 2 * real
         assert metrics["perf/processed_tokens"] == 2 * n * width
         assert metrics["perf/padding_efficiency"] == pytest.approx(real / (n * width))
         train_flops, flops = 3 * forward, 4 * forward
-    else:  # exactly on-policy: the training pass alone, on packed rows
+    else:  # exactly on-policy: the training pass alone, on packed rows (all in one forward here)
         assert metrics["trainer/old_log_prob_from_update"] == 1.0
         assert metrics["perf/real_tokens"] == real
-        assert metrics["perf/processed_tokens"] == real
+        assert metrics["perf/processed_tokens"] == ran
         assert metrics["perf/padding_efficiency"] == 1.0
+        assert metrics["perf/prefix_sharing"] == pytest.approx(real / ran)
+        if passes == "packed_shared_prefixes":  # the rows of a group share their task prompt
+            assert ran < 0.9 * real
         train_flops, flops = 3 * forward, 3 * forward
     flops += 2 * (body + head) * metrics["rollout/generated_tokens"]
     assert metrics["perf/model_flops"] == pytest.approx(flops)
@@ -130,3 +147,6 @@ def test_progress_line_shows_mfu_and_padding_efficiency() -> None:
     progress.log(1, {"episode/success_rate": 0.5, "perf/mfu": 0.1234, "perf/padding_efficiency": 0.6789,
                      "time/step": 3.0})  # fmt: skip
     assert "mfu 0.123  pad eff 0.68" in out.getvalue()
+    assert "prefix share" not in out.getvalue()  # nothing shared, nothing said
+    progress.log(2, {"perf/mfu": 0.2, "perf/padding_efficiency": 1.0, "perf/prefix_sharing": 2.345, "time/step": 3.0})
+    assert "pad eff 1.00  prefix share 2.35x" in out.getvalue()
