@@ -26,7 +26,6 @@ one (the shared tokens' gradient is the sum over the rows that share them), with
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -85,12 +84,12 @@ def packed_attention_forward(
         return out[None], None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    parts = []
-    for (q_start, q_end), (k_start, k_end) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist()),
-                                                  strict=True):  # fmt: skip
-        if q_end > q_start:
-            parts.append(_causal_attention(query[:, :, q_start:q_end], key[:, :, k_start:k_end],
-                                           value[:, :, k_start:k_end], dropout, scaling))  # fmt: skip
+    # split, not slices: the backward of a split is one cat, that of each slice a zero-filled full-size gradient
+    q_lengths, k_lengths = torch.diff(cu_q).tolist(), torch.diff(cu_k).tolist()
+    queries = query.split(q_lengths, dim=2)
+    keys, values = key.split(k_lengths, dim=2), value.split(k_lengths, dim=2)
+    parts = [_causal_attention(q, k, v, dropout, scaling) for q, k, v in zip(queries, keys, values, strict=True)
+             if q.shape[2] > 0]  # fmt: skip
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 
