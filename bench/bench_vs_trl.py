@@ -79,6 +79,7 @@ def spear_overrides(spec: dict[str, Any], engine: str) -> list[str]:
         f"data.train_batch_size={p}", f"env.rollout.n={g}", f"data.max_response_length={spec['max_new']}",
         "data.max_prompt_length=2048", f"actor.lr={spec['lr']}", "actor.ppo_epochs=1",
         f"actor.ppo_mini_batch_size={p * g}", f"actor.ppo_micro_batch_size_per_gpu={spec['micro']}",
+        "actor.use_dynamic_bsz=false",  # micro-batches of --micro rows, as TRL's (a token budget: override it)
         "actor.use_kl_loss=false", "algorithm.use_kl_in_reward=false", "actor.entropy_coeff=0.0",
         "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=-1", "rollout.rollout_filter_ratio=1.0",
         f"rollout.name={engine}", "trainer.logger=[jsonl]", "trainer.test_freq=0", "trainer.save_freq=0",
