@@ -23,9 +23,12 @@ echo "== 1/4 interpreter test-suite (CPU tensors, TRITON_INTERPRET=1)"
 TRITON_INTERPRET=1 timeout 900 python -m pytest -q -p no:cacheprovider tests/kernels >"$OUT/pytest.log" 2>&1
 rc=$?; tail -n 3 "$OUT/pytest.log"; [ $rc -eq 0 ] || status=1
 
-echo "== 2/4 CUDA correctness vs oracles"
+echo "== 2/4 CUDA correctness vs oracles (kernels; packed and shared-prefix attention vs padded rows)"
 TRITON_INTERPRET=0 timeout 900 python bench/gpu_bench.py --check >"$OUT/check.log" 2>&1
 rc=$?; grep -E "FAIL|check:" "$OUT/check.log"; [ $rc -eq 0 ] || status=1
+TRITON_INTERPRET=0 timeout 300 python -m pytest -q -p no:cacheprovider tests/train/test_packed_sequences.py -k cuda \
+  >"$OUT/packed_cuda.log" 2>&1
+rc=$?; tail -n 2 "$OUT/packed_cuda.log"; [ $rc -eq 0 ] || status=1
 
 echo "== 3/4 timing (bf16)"
 TRITON_INTERPRET=0 timeout 1800 python bench/gpu_bench.py --out "$OUT" ${GPU_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 || status=1

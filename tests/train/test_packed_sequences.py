@@ -118,12 +118,13 @@ def forward_and_grads(
     model: torch.nn.Module, rows: SequenceBatch, packed: bool, seed: int, share_prefixes: bool = False
 ):
     policy = FusedHeadPolicy(copy.deepcopy(model), packed=packed, share_prefixes=share_prefixes)
-    logp, entropy = policy(rows)
+    device = next(model.parameters()).device
+    logp, entropy = policy(rows.to(device))
     g = torch.Generator().manual_seed(seed)
-    weights = torch.randn(logp.shape, generator=g)
+    weights = torch.randn(logp.shape, generator=g).to(device)
     ((logp * weights).sum() + 0.3 * entropy.sum()).backward()
-    grads = {n: p.grad.float() for n, p in policy.model.named_parameters() if p.grad is not None}
-    return logp.detach(), entropy.detach(), grads
+    grads = {n: p.grad.float().cpu() for n, p in policy.model.named_parameters() if p.grad is not None}
+    return logp.detach().cpu(), entropy.detach().cpu(), grads
 
 
 def assert_same(padded, packed, valid: torch.Tensor, dtype: torch.dtype) -> None:
@@ -181,6 +182,19 @@ def test_shared_prefix_forward_matches_padded(tiny: torch.nn.Module, source: str
     padded = forward_and_grads(model, rows, packed=False, seed=seed)
     shared = forward_and_grads(model, rows, packed=True, seed=seed, share_prefixes=True)
     assert_same(padded, shared, rows.response_attention.bool(), dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("share_prefixes", [False, True], ids=["packed", "shared"])
+def test_packed_forward_matches_padded_on_cuda(tiny: torch.nn.Module, share_prefixes: bool, dtype: torch.dtype) -> None:
+    """The GPU attention of packed rows (flash-attn varlen when installed, else SDPA per row) against the
+    padded forward on the same GPU, with and without shared prefixes."""
+    rows = shared_rows("step", 65, tiny.config.vocab_size)
+    model = copy.deepcopy(tiny).to(device="cuda", dtype=dtype)
+    padded = forward_and_grads(model, rows, packed=False, seed=65)
+    packed = forward_and_grads(model, rows, packed=True, seed=65, share_prefixes=share_prefixes)
+    assert_same(padded, packed, rows.response_attention.bool(), dtype)
 
 
 def test_shared_prefix_rows_never_attend_across_rows(tiny: torch.nn.Module) -> None:
