@@ -16,6 +16,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from prefix_oracle import distinct_prefixes, row_tokens
 
 from spear_engine.config import ActorConfig, PolicyLossConfig
 from spear_engine.data import Episode, RolloutBatch, Turn
@@ -152,15 +153,6 @@ def test_packed_forward_matches_padded(tiny: torch.nn.Module, source: str, dtype
     assert_same(padded, packed, rows.response_attention.bool(), dtype)
 
 
-def distinct_prefixes(rows: SequenceBatch) -> int:
-    """Tokens a prefix tree of the rows holds, counted independently: the rows' distinct non-empty prefixes."""
-    prefixes = set()
-    for ids, mask in zip(rows.input_ids, rows.attention_mask.bool()):
-        tokens = tuple(ids[mask].tolist())
-        prefixes.update(tokens[: k + 1] for k in range(len(tokens)))
-    return len(prefixes)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("source", ["step", "trajectory", "replay"])
 def test_shared_prefix_forward_matches_padded(tiny: torch.nn.Module, source: str, dtype: torch.dtype) -> None:
@@ -171,7 +163,8 @@ def test_shared_prefix_forward_matches_padded(tiny: torch.nn.Module, source: str
     tree = pack_prefix_tree(rows.input_ids, rows.attention_mask.bool())
     assert tree is not None
     real = int(rows.attention_mask.sum())
-    assert tree["input_ids"].shape[1] == distinct_prefixes(rows) < 0.8 * real  # prefixes really are shared
+    tree_size = distinct_prefixes(row_tokens(rows.input_ids, rows.attention_mask))
+    assert tree["input_ids"].shape[1] == tree_size < 0.8 * real  # prefixes really are shared
     ids = tree["input_ids"][0]
     for i in range(len(rows.input_ids)):  # every real token maps to a node holding that token, at its depth
         mask = rows.attention_mask[i].bool()
@@ -291,12 +284,11 @@ def test_shared_prefix_chunks_group_common_prefixes_within_the_budget() -> None:
         assert sorted(np.concatenate(chunks).tolist()) == list(range(len(rows)))  # every row once
         for chunk in chunks:
             group = [rows[i] for i in chunk]
-            cost = len({tuple(r[: k + 1]) for r in group for k in range(len(r))})  # distinct prefixes
+            cost = distinct_prefixes(group)
             assert distinct_tokens(group) == cost
             assert len(chunk) == 1 or cost <= budget
         for a, b in itertools.pairwise(chunks):  # greedy: the next row did not fit
-            group = [rows[i] for i in (*a, b[0])]
-            assert len({tuple(r[: k + 1]) for r in group for k in range(len(r))}) > budget
+            assert distinct_prefixes([rows[i] for i in (*a, b[0])]) > budget
         order = np.concatenate(chunks)
         assert [rows[i] for i in order] == sorted(rows)  # rows with a common prefix side by side
     assert shared_prefix_chunks([], 10) == []
@@ -349,7 +341,7 @@ def test_shared_prefix_update_matches_padded_row_micro_batches(tiny: torch.nn.Mo
     for shared in (False, True):
         on_policy = _loss_rows(rows, 81)
         if shared:
-            on_policy.row_ids = [ids[m].tolist() for ids, m in zip(rows.input_ids, rows.attention_mask.bool())]
+            on_policy.row_ids = row_tokens(rows.input_ids, rows.attention_mask)
         config = ActorConfig(ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=2, lr=1e-2, grad_clip=1e9,
                              entropy_coeff=0.01, loss_agg_mode=mode, use_dynamic_bsz=shared,
                              ppo_max_token_len_per_gpu=60, policy_loss=PolicyLossConfig(loss_mode="vanilla"))  # fmt: skip
@@ -407,7 +399,7 @@ def test_learner_no_grad_pass_returns_rows_in_batch_order_with_shared_prefixes(t
     meter = TokenMeter()
     learner = PolicyLearner(config, policy, None, TorchBackend(policy, lr=1e-3, weight_decay=0.0, grad_clip=1.0),
                             None, True, torch.device("cpu"), 0, meter)  # fmt: skip
-    row_ids = [ids[m].tolist() for ids, m in zip(rows.input_ids, rows.attention_mask.bool())]
+    row_ids = row_tokens(rows.input_ids, rows.attention_mask)
     micros = micro_batches(rows.row_tokens, np.arange(len(row_ids)), config.actor, row_ids)
     assert len(micros) > 1 and not np.array_equal(np.concatenate(micros), np.arange(len(row_ids)))
     log_probs, entropy = learner.token_stats(rows)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefix_oracle import distinct_prefixes, row_tokens
 
 import spear_engine.step as step_module
 from spear_engine.config_loading import load_config
 from spear_engine.metrics import PlainProgress
 from spear_engine.train.perf import TokenMeter, flop_params, gemm_flops_per_s
-from spear_engine.train.policy import SequenceBatch
 from spear_engine.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -75,15 +75,6 @@ def test_gemm_rate_is_the_fastest_timing_after_the_warm_up(monkeypatch: pytest.M
     assert rate == pytest.approx(2.0 * 64**3 / 0.02)  # not the warm-up's 0.001, not the median's 0.9
 
 
-def distinct_prefixes(rows: SequenceBatch) -> int:
-    """Tokens a prefix tree of the rows holds: the rows' distinct non-empty prefixes."""
-    prefixes = set()
-    for ids, mask in zip(rows.input_ids, rows.attention_mask.bool()):
-        tokens = tuple(ids[mask].tolist())
-        prefixes.update(tokens[: k + 1] for k in range(len(tokens)))
-    return len(prefixes)
-
-
 @pytest.mark.parametrize(
     "passes", ["separate_old_log_prob_padded", "old_log_prob_from_update_packed", "packed_shared_prefixes"]
 )
@@ -117,7 +108,8 @@ def test_trainer_reports_the_tokens_of_its_passes(
     real = int(sequences.attention_mask.sum())
     predicted = int(sequences.response_attention.sum())
     body, head = trainer.flop_params
-    ran = distinct_prefixes(sequences) if passes == "packed_shared_prefixes" else real
+    shared = passes == "packed_shared_prefixes"
+    ran = distinct_prefixes(row_tokens(sequences.input_ids, sequences.attention_mask)) if shared else real
     forward = 2 * (body * ran + head * predicted)
     if separate:  # one forward-only pass (old log-probs) and one training pass (1 epoch), padded rows
         assert metrics["trainer/old_log_prob_from_update"] == 0.0
@@ -131,7 +123,7 @@ def test_trainer_reports_the_tokens_of_its_passes(
         assert metrics["perf/processed_tokens"] == ran
         assert metrics["perf/padding_efficiency"] == 1.0
         assert metrics["perf/prefix_sharing"] == pytest.approx(real / ran)
-        if passes == "packed_shared_prefixes":  # the rows of a group share their task prompt
+        if shared:  # the rows of a group share their task prompt
             assert ran < 0.9 * real
         train_flops, flops = 3 * forward, 3 * forward
     flops += 2 * (body + head) * metrics["rollout/generated_tokens"]
