@@ -56,12 +56,16 @@ def build(preset: str, args: argparse.Namespace, out: str) -> Trainer:
     return Trainer(load_config(preset, overrides), console=False)
 
 
+def timed_rollout(trainer: Trainer) -> tuple[list, dict[str, float], float]:
+    """(episodes, rollout metrics, seconds) of one rollout of ``trainer``'s engine with its current weights."""
+    start = time.perf_counter()
+    episodes, timing = Trainer._rollout(trainer, trainer.global_step + 1)
+    return episodes, timing, time.perf_counter() - start
+
+
 def shared_step(trainers: dict[str, Trainer]) -> dict[str, dict[str, float]]:
     """One step of every trainer on the same rollout (made by the first trainer's engine)."""
-    first = next(iter(trainers.values()))
-    start = time.perf_counter()
-    episodes, timing = Trainer._rollout(first, first.global_step + 1)
-    rollout_s = time.perf_counter() - start
+    episodes, timing, rollout_s = timed_rollout(next(iter(trainers.values())))
     results = {}
     for name, trainer in trainers.items():
         trainer._rollout = lambda t, e=episodes, m=timing: (copy.deepcopy(e), dict(m))
@@ -76,13 +80,6 @@ BASELINE = [  # the trainer path before the throughput work (issue 10), kept beh
     "rollout.name=hf", "actor.use_remove_padding=false", "actor.use_dynamic_bsz=false",
     "actor.recompute_old_log_prob=always", "actor.autocast=none",
 ]  # fmt: skip
-
-
-def timed_rollout(trainer: Trainer) -> tuple[list, dict[str, float], float]:
-    """(episodes, rollout metrics, seconds) of one rollout of ``trainer``'s engine with its current weights."""
-    start = time.perf_counter()
-    episodes, timing = Trainer._rollout(trainer, trainer.global_step + 1)
-    return episodes, timing, time.perf_counter() - start
 
 
 def speedup(args: argparse.Namespace, out: str) -> None:

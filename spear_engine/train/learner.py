@@ -69,10 +69,14 @@ class PolicyLearner:
             return None
         return real_rows(inputs.input_ids, inputs.attention_mask)
 
-    def _meter(self, policy: FusedHeadPolicy, rows: SequenceBatch, kind: str) -> None:
-        ids = self._row_ids(policy, rows)
+    def _meter(self, policy: FusedHeadPolicy, rows: SequenceBatch, kind: str, ids: list[list[int]] | None) -> None:
+        """Count one forward of ``rows`` (``ids``: their tokens when ``policy`` shares prefixes, else None)."""
         self.token_meter.add(rows.attention_mask, int(rows.response_attention.sum()), kind, policy.packed,
                              None if ids is None else distinct_tokens(ids))  # fmt: skip
+
+    @staticmethod
+    def _picked(row_ids: list[list[int]] | None, idx: np.ndarray) -> list[list[int]] | None:
+        return None if row_ids is None else [row_ids[i] for i in idx.tolist()]
 
     def token_stats(self, inputs: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self._token_stats(self.policy, inputs)
@@ -83,7 +87,7 @@ class PolicyLearner:
     def forward(self, idx: np.ndarray, rows: LossRows, loss: TokenLoss | None = None) -> tuple[Any, ...]:
         """The training forward of rows ``idx`` (with ``loss``: the fused loss too, see ``FusedHeadPolicy``)."""
         selected = rows.inputs.select(torch.as_tensor(idx))
-        self._meter(self.policy, selected, "train")
+        self._meter(self.policy, selected, "train", self._picked(rows.row_ids, idx))
         with self.autocast():
             if loss is None:
                 return self.backend.forward(selected.to(self.device))
@@ -146,7 +150,7 @@ class PolicyLearner:
         for idx in micro_batches(sequences.row_tokens, everything, self.config.actor, row_ids):  # as the update's
             where = torch.as_tensor(idx)
             rows = sequences.select(where)
-            self._meter(policy, rows, "forward")
+            self._meter(policy, rows, "forward", self._picked(row_ids, idx))
             with self.autocast():
                 out = self.backend.forward(rows.to(self.device)) if policy is self.policy else policy(rows.to(self.device))
             log_probs[where], entropy[where] = out[0].float().cpu(), out[1].float().cpu()

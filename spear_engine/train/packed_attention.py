@@ -70,7 +70,7 @@ def packed_attention_forward(
         raise ValueError(f"a packed forward takes one sequence (batch size 1), got {query.shape[0]}")
     dropout = dropout if module.training else 0.0
     key_index = kwargs.get("packed_key_index")
-    cu_k = cu_q if key_index is None else kwargs["cu_seq_lens_k"]
+    cu_k = kwargs.get("cu_seq_lens_k", cu_q)
     if key_index is not None:  # each row's keys: its whole path in the prefix tree
         key, value = key.index_select(2, key_index), value.index_select(2, key_index)
     varlen = _flash_varlen() if query.is_cuda else None
@@ -134,7 +134,8 @@ def pack_rows(
     the hole's own hidden state predict the token after it, so the two forwards differ on such rows.
 
     Returns ``input_ids``/``position_ids`` [1, T], ``cu_seqlens`` [N + 1] and ``index`` [N, W]: the packed
-    position of each real token, -1 for padding."""
+    position of each real token, -1 for padding; ``key_index`` (None: each row's keys are its queries),
+    ``cu_seqlens_k`` and ``max_length_k`` as :func:`pack_prefix_tree` returns them."""
     mask = attention_mask.bool()
     if share_prefixes:
         tree = pack_prefix_tree(input_ids, mask)
@@ -149,5 +150,7 @@ def pack_rows(
     index[mask] = torch.arange(total, device=device)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.long, device=device)
     cu[1:] = torch.cumsum(lengths, 0)
+    longest = int(lengths.max()) if len(lengths) else 0
     return {"input_ids": input_ids[mask][None], "position_ids": positions[None], "cu_seqlens": cu,
-            "max_length": int(lengths.max()) if len(lengths) else 0, "index": index}  # fmt: skip
+            "max_length": longest, "key_index": None, "cu_seqlens_k": cu, "max_length_k": longest,
+            "index": index}  # fmt: skip

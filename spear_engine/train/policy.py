@@ -105,7 +105,7 @@ class FusedHeadPolicy(torch.nn.Module):
     only, concatenated into one sequence (:mod:`spear_engine.train.packed_attention`); ``False`` runs the
     padded ``[N, W]`` rows, the oracle the packed forward is tested against. Both return the same
     ``[N, L]`` response-aligned tensors. ``share_prefixes`` (``actor.share_prefixes``, packed only): a
-    prefix several rows share runs once (:func:`~spear_engine.train.packed_attention.pack_prefix_tree`).
+    prefix several rows share runs once (:func:`~spear_engine.train.prefix_tree.pack_prefix_tree`).
     """
 
     def __init__(
@@ -136,13 +136,12 @@ class FusedHeadPolicy(torch.nn.Module):
         valid = batch.response_attention.bool()
         if self.packed:
             packed = pack_rows(batch.input_ids, batch.attention_mask, self.share_prefixes)
-            cu = packed["cu_seqlens"]
-            tree = {"packed_key_index": packed["key_index"]} if "key_index" in packed else {}
             hidden = self.model.base_model(
                 input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                 attention_mask=PACKED_MASK.to(batch.input_ids.device), use_cache=False,
-                cu_seq_lens_q=cu, cu_seq_lens_k=packed.get("cu_seqlens_k", cu), max_length_q=packed["max_length"],
-                max_length_k=packed.get("max_length_k", packed["max_length"]), **tree,
+                cu_seq_lens_q=packed["cu_seqlens"], cu_seq_lens_k=packed["cu_seqlens_k"],
+                max_length_q=packed["max_length"], max_length_k=packed["max_length_k"],
+                packed_key_index=packed["key_index"],
             ).last_hidden_state[0]  # fmt: skip
             source = packed["index"][:, p - 1 : p - 1 + width]
             valid = valid & (source >= 0)  # a response token with no real token before it predicts nothing

@@ -294,6 +294,24 @@ def test_shared_prefix_chunks_group_common_prefixes_within_the_budget() -> None:
     assert shared_prefix_chunks([], 10) == []
 
 
+def one_update(
+    tiny: torch.nn.Module, on_policy: LossRows, config: ActorConfig, packed: bool, share_prefixes: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(gradients of the optimizer step, metrics) of one ``update_actor`` of a fresh copy of ``tiny``."""
+    policy = FusedHeadPolicy(copy.deepcopy(tiny), packed=packed, share_prefixes=share_prefixes)
+    backend = RecordingBackend(policy, lr=1e-2, weight_decay=0.0, grad_clip=1e9)
+    metrics = update_actor(lambda idx, r: backend.forward(r.inputs.select(torch.as_tensor(idx))), backend, config,
+                           on_policy)  # fmt: skip
+    return backend.grads, metrics
+
+
+def step_config(mode: str, dynamic: bool, budget: int) -> ActorConfig:
+    """One optimizer step (vanilla loss, ``mode`` aggregation), 2 rows or ``budget`` tokens per forward."""
+    return ActorConfig(ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=2, lr=1e-2, grad_clip=1e9,
+                       entropy_coeff=0.01, loss_agg_mode=mode, use_dynamic_bsz=dynamic,
+                       ppo_max_token_len_per_gpu=budget, policy_loss=PolicyLossConfig(loss_mode="vanilla"))  # fmt: skip
+
+
 def _loss_rows(inputs: SequenceBatch, seed: int) -> LossRows:
     g = torch.Generator().manual_seed(seed)
     mask = inputs.response_attention.float()
@@ -314,19 +332,13 @@ def test_packed_token_budget_update_matches_padded_row_micro_batches(
     on_policy = _loss_rows(rows, 41)
     results = []
     for packed, dynamic in ((False, False), (True, True)):
-        config = ActorConfig(ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=2, lr=1e-2, grad_clip=1e9,
-                             entropy_coeff=0.01, loss_agg_mode=mode, use_dynamic_bsz=dynamic,
-                             ppo_max_token_len_per_gpu=40, policy_loss=PolicyLossConfig(loss_mode="vanilla"))  # fmt: skip
+        config = step_config(mode, dynamic, budget=40)
         mini = np.arange(len(on_policy))
         if dynamic:  # the budget really splits the rows differently from 2 per micro-batch
             assert [len(m) for m in micro_batches(on_policy.tokens, mini, config)] != [
                 len(m) for m in np.array_split(mini, 3)
             ]
-        backend = RecordingBackend(FusedHeadPolicy(copy.deepcopy(tiny), packed=packed), lr=1e-2, weight_decay=0.0,
-                                   grad_clip=1e9)  # fmt: skip
-        metrics = update_actor(lambda idx, r, b=backend: b.forward(r.inputs.select(torch.as_tensor(idx))),
-                               backend, config, on_policy)  # fmt: skip
-        results.append((backend.grads, metrics))
+        results.append(one_update(tiny, on_policy, config, packed))
     (padded_grads, padded_metrics), (packed_grads, packed_metrics) = results
     assert padded_metrics["actor/optimizer_steps"] == packed_metrics["actor/optimizer_steps"] == 1
     assert_close_grads(packed_grads, padded_grads, 1e-4)
@@ -342,17 +354,11 @@ def test_shared_prefix_update_matches_padded_row_micro_batches(tiny: torch.nn.Mo
         on_policy = _loss_rows(rows, 81)
         if shared:
             on_policy.row_ids = row_tokens(rows.input_ids, rows.attention_mask)
-        config = ActorConfig(ppo_mini_batch_size=64, ppo_micro_batch_size_per_gpu=2, lr=1e-2, grad_clip=1e9,
-                             entropy_coeff=0.01, loss_agg_mode=mode, use_dynamic_bsz=shared,
-                             ppo_max_token_len_per_gpu=60, policy_loss=PolicyLossConfig(loss_mode="vanilla"))  # fmt: skip
+        config = step_config(mode, shared, budget=60)
         if shared:  # more than one forward, and not in batch order
             micros = micro_batches(on_policy.tokens, np.arange(len(on_policy)), config, on_policy.row_ids)
             assert len(micros) > 1 and not np.array_equal(np.concatenate(micros), np.arange(len(on_policy)))
-        policy = FusedHeadPolicy(copy.deepcopy(tiny), packed=shared, share_prefixes=shared)
-        backend = RecordingBackend(policy, lr=1e-2, weight_decay=0.0, grad_clip=1e9)
-        metrics = update_actor(lambda idx, r, b=backend: b.forward(r.inputs.select(torch.as_tensor(idx))),
-                               backend, config, on_policy)  # fmt: skip
-        results.append((backend.grads, metrics))
+        results.append(one_update(tiny, on_policy, config, packed=shared, share_prefixes=shared))
     (padded_grads, padded_metrics), (shared_grads, shared_metrics) = results
     assert padded_metrics["actor/optimizer_steps"] == shared_metrics["actor/optimizer_steps"] == 1
     assert_close_grads(shared_grads, padded_grads, 1e-4)
@@ -370,13 +376,7 @@ def test_on_policy_rows_take_old_log_probs_from_their_first_forward(tiny: torch.
     separate_rows.old_log_prob = old
     reuse_rows = copy.copy(separate_rows)
     reuse_rows.old_log_prob = None
-    grads = []
-    for on_policy in (separate_rows, reuse_rows):
-        backend = RecordingBackend(FusedHeadPolicy(copy.deepcopy(tiny), packed=True), lr=1e-2, weight_decay=0.0,
-                                   grad_clip=1e9)  # fmt: skip
-        update_actor(lambda idx, r, b=backend: b.forward(r.inputs.select(torch.as_tensor(idx))), backend, config,
-                     on_policy)  # fmt: skip
-        grads.append(backend.grads)
+    grads = [one_update(tiny, on_policy, config, packed=True)[0] for on_policy in (separate_rows, reuse_rows)]
     assert_close_grads(grads[1], grads[0], 1e-5)
     assert reuse_rows.forward_log_prob is not None
     torch.testing.assert_close(reuse_rows.forward_log_prob, old, rtol=1e-5, atol=1e-5)
