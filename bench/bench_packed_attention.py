@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-from transformers.integrations.sdpa_attention import repeat_kv
 
 from spear_engine.machine import cpu_model
 from spear_engine.train.packed_attention import _causal_attention, eager_causal_attention
@@ -60,9 +59,8 @@ def one_layer(path: str, q_lengths: list[int], k_lengths: list[int], qk_dtype: t
     for q, k, v in tensors:
         if path == "eager":
             outs.append(eager_causal_attention(q, k, v, None))
-        else:  # what the packed attention ran before: repeated key/value heads, one SDPA call, bf16 inputs
-            kk, vv = repeat_kv(k, HEADS // KV_HEADS), repeat_kv(v, HEADS // KV_HEADS)
-            outs.append(_causal_attention(q.to(torch.bfloat16), kk.to(torch.bfloat16), vv, 0.0, None))
+        else:  # what the packed attention ran before: one SDPA call (repeated key/value heads), bf16 inputs
+            outs.append(_causal_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v, 0.0, None))
     torch.cat(outs, 2).float().square().sum().backward()
     return time.perf_counter() - start
 

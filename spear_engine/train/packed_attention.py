@@ -84,18 +84,12 @@ def packed_attention_forward(
         )  # fmt: skip
         return out[None], None
     eager = query.device.type == "cpu" and value.dtype in REDUCED_PRECISION and dropout == 0.0
-    if not eager:
-        groups = getattr(module, "num_key_value_groups", 1)
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     # split, not slices: the backward of a split is one cat, that of each slice a zero-filled full-size gradient
     q_lengths, k_lengths = torch.diff(cu_q).tolist(), torch.diff(cu_k).tolist()
     queries = query.split(q_lengths, dim=2)
     keys, values = key.split(k_lengths, dim=2), value.split(k_lengths, dim=2)
-
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return eager_causal_attention(q, k, v, scaling) if eager else _causal_attention(q, k, v, dropout, scaling)
-
-    parts = [attend(q, k, v) for q, k, v in zip(queries, keys, values, strict=True) if q.shape[2] > 0]
+    parts = [eager_causal_attention(q, k, v, scaling) if eager else _causal_attention(q, k, v, dropout, scaling)
+             for q, k, v in zip(queries, keys, values, strict=True) if q.shape[2] > 0]  # fmt: skip
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 
@@ -103,12 +97,20 @@ def packed_attention_forward(
 def _causal_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None
 ) -> torch.Tensor:
-    """SDPA of the last ``Lq`` positions of a causal sequence of ``Lk`` keys (bottom-right aligned)."""
+    """SDPA of the last ``Lq`` positions of a causal sequence of ``Lk`` keys (bottom-right aligned); query
+    [1, Hq, Lq, d], key/value [1, Hkv, Lk, d] (grouped-query heads: the key/value heads are repeated)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lq, lk = query.shape[2], key.shape[2]
     if lq == lk:
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
-    allowed = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=_visible(lq, lk, query.device),
+                                          dropout_p=dropout, scale=scaling)  # fmt: skip
+
+
+def _visible(lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """[Lq, Lk] bool, True where query i (the last Lq of Lk positions) may see key j: j <= Lk - Lq + i."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
 
 
 REDUCED_PRECISION = (torch.bfloat16, torch.float16)
@@ -131,7 +133,7 @@ def eager_causal_attention(
     kv_heads, lk = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
-    hidden = torch.ones(lq, lk, dtype=torch.bool, device=query.device).triu_(lk - lq + 1)
+    hidden = ~_visible(lq, lk, query.device)
     bias = torch.zeros(lq, lk, dtype=torch.float32, device=query.device).masked_fill_(hidden, float("-inf"))
     with torch.autocast(query.device.type, enabled=False):  # autocast would run the scores' GEMM in bf16
         q = query[0].reshape(kv_heads, groups * lq, dim).float()  # query heads of a key head side by side
