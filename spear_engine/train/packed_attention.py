@@ -126,8 +126,9 @@ def eager_causal_attention(
     Why not SDPA: on CPU, its flash kernel in bf16 runs these shapes (tens to hundreds of queries against a
     few hundred keys, one call per row) at a fraction of the GEMM rate, and its backward is the slowest part
     of the update. Here the two products are plain batched GEMMs and autograd's backward is GEMMs too:
-    1.7x faster per layer than SDPA on the quickstart's shared-prefix rows (AMD EPYC Zen 5, bench/RESULTS.md),
-    with SDPA's accuracy (relative error 2.3e-3 vs 1.9e-3 against fp64). Under autocast the query and key
+    1.5-1.7x faster per layer than SDPA on quickstart-like shared-prefix rows (AMD EPYC Zen 5,
+    bench/bench_packed_attention.py), with SDPA's accuracy (tests/train/test_packed_attention.py holds it
+    within 1.5x of SDPA's own error against an fp64 oracle). Under autocast the query and key
     arrive in fp32 (after the rotary embedding), and the scores keep them, where SDPA would round them."""
     _, heads, lq, dim = query.shape
     kv_heads, lk = key.shape[1], key.shape[2]
