@@ -126,10 +126,13 @@ class ActorConfig(Section):
     """``auto``: when the update is exactly on-policy (one epoch, one mini-batch per rank, no rollout IS
     correction, no KL in the reward), the old log-probs are the update's own first forward, detached (as
     TRL does), and the separate no-grad pass is skipped. ``always``: the separate pass every step."""
-    autocast: Literal["none", "bf16"] = "none"
+    autocast: Literal["none", "bf16", "auto"] = "none"
     """Mixed precision of the training forward/backward (and of the old/ref log-prob passes): ``bf16`` runs
     the matrix products in bfloat16 under ``torch.autocast`` while weights, gradients and optimizer state
-    stay in the model's dtype (fp32 master weights). Rows' log-probs and the loss stay fp32."""
+    stay in the model's dtype (fp32 master weights). Rows' log-probs and the loss stay fp32. ``auto``: bf16
+    where the device multiplies bf16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), none
+    elsewhere: on an AVX2-only CPU bf16 products are emulated, ~80x slower than fp32
+    (:mod:`spear_engine.train.precision`)."""
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
 
     @property

@@ -20,6 +20,7 @@ from spear_engine.train import collectives
 from spear_engine.train.backends import Backend
 from spear_engine.train.perf import TokenMeter
 from spear_engine.train.policy import FusedHeadPolicy, SequenceBatch, TokenLoss, response_aligned
+from spear_engine.train.precision import autocast_bf16
 from spear_engine.train.prefix_tree import distinct_tokens, real_rows
 from spear_engine.train.update import LossRows, micro_batches
 
@@ -53,6 +54,8 @@ class PolicyLearner:
         """``rows -> (values, stds)`` of this rank's replay policy, for the cross-rank baseline (or None)."""
         self.rank, self.world_size = backend.rank, backend.world_size
         self.fused_loss = config.actor.fused_loss
+        self.bf16_autocast = autocast_bf16(config.actor.autocast, device)
+        """Whether the passes run under bf16 autocast (``actor.autocast``; ``auto``: where bf16 is native)."""
 
     def inputs(self, batch: RolloutBatch) -> SequenceBatch:
         return SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
@@ -135,7 +138,7 @@ class PolicyLearner:
 
     def autocast(self) -> Any:
         """bf16 mixed precision of the trainer's passes (``actor.autocast``); weights stay in their dtype."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.actor.autocast == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast)
 
     @torch.no_grad()
     def _token_stats(

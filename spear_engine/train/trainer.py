@@ -78,14 +78,14 @@ class Trainer:
         self.engine_name, self.engine, self.engine_shares_weights = parts.engine_name, parts.engine, parts.engine_shares_weights
         self.agent_loop, self.sil = parts.agent_loop, parts.sil
         self.flop_params = parts.flop_params
-        compute_dtype = torch.bfloat16 if config.actor.autocast == "bf16" else parts.param_dtype
-        self.gemm_rate = gemm_flops_per_s(compute_dtype, self.device.type)  # once per process and dtype
         self.token_meter = TokenMeter()
         self.learner = PolicyLearner(
             config, self.policy, self.ref_policy, self.backend, self.engine, self.engine_shares_weights,
             self.device, self.pad_token_id, self.token_meter,
             baseline_of=self.sil.baseline_statistics if self.sil is not None else None,
         )  # fmt: skip
+        compute_dtype = torch.bfloat16 if self.learner.bf16_autocast else parts.param_dtype
+        self.gemm_rate = gemm_flops_per_s(compute_dtype, self.device.type)  # once per process and dtype
         self.global_step = 0
         self.consecutive_skips = 0
         self.run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(config)
@@ -122,6 +122,7 @@ class Trainer:
         outcome = train_on_batch(self.config, t, batch, self.learner, self.sil, clock)
         metrics.update(outcome.metrics)
         metrics["rollout/engine_vllm"] = float(self.engine_name == "vllm")
+        metrics["actor/bf16_autocast"] = float(self.learner.bf16_autocast)  # what actor.autocast=auto chose here
 
         with clock("weight_sync"):
             self._sync_weights()
