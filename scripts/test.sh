@@ -23,7 +23,7 @@ trl_pid=$!
 bash bench/verl_env.sh > "$logs/verl_env.log" 2>&1 &
 verl_pid=$!
 status=0
-python -m pytest -q "${SIDE_TESTS[@]/#/--ignore=}" || status=$?
+python -m pytest -q --durations=20 "${SIDE_TESTS[@]/#/--ignore=}" || status=$?
 for side in trl:$trl_pid verl:$verl_pid; do
   if ! wait "${side#*:}"; then
     echo "bench/${side%%:*}_env.sh failed:" >&2

@@ -131,7 +131,7 @@ class ActorConfig(Section):
     the matrix products in bfloat16 under ``torch.autocast`` while weights, gradients and optimizer state
     stay in the model's dtype (fp32 master weights). Rows' log-probs and the loss stay fp32. ``auto``: bf16
     where the device multiplies bf16 natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), none
-    elsewhere: on an AVX2-only CPU bf16 products are emulated, ~80x slower than fp32
+    elsewhere: on an AVX2-only CPU bf16 products are emulated, 75-145x slower than fp32
     (:mod:`spear_engine.train.precision`)."""
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
 

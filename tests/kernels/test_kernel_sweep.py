@@ -99,7 +99,10 @@ def test_logprob_entropy_from_logits(backend, dtype, case):
     lr, hr = logprob_entropy_ref(zr, y, 0.7)
     ((lr * gl).sum() + (hr * gh).sum()).backward()
     torch.testing.assert_close(lp, lr, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(ent, hr, atol=2e-5, rtol=1e-5)
+    # entropy = lse - sum(p * z/T): two terms of the logits' size cancel, and both sides round their fp32
+    # reductions by the CPU's vector width (AVX2 vs AVX-512 differ), so the tolerance follows max |z/T|
+    scale = float(logits.float().abs().max()) / 0.7
+    torch.testing.assert_close(ent, hr, atol=max(2e-5, 4e-6 * scale), rtol=1e-5)
     assert torch.isfinite(z.grad).all()
     assert rel_err(z.grad, zr.grad) < (1e-5 if dtype == torch.float32 else 1e-2)
 

@@ -1,5 +1,5 @@
 """``actor.autocast``: ``auto`` runs bf16 products only where the device multiplies bf16 natively (on an
-AVX2-only CPU bf16 GEMMs are emulated, ~80x slower than fp32), ``bf16`` forces them (with a warning there),
+AVX2-only CPU bf16 GEMMs are emulated, 75-145x slower than fp32), ``bf16`` forces them (with a warning there),
 ``none`` never. The hardware probe is monkeypatched both ways, so every branch runs on any machine."""
 
 from __future__ import annotations
