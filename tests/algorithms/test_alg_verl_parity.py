@@ -3,7 +3,8 @@
 Same inputs -> same values and gradients w.r.t. ``log_prob`` (fp32 rtol 1e-6 / atol 1e-7: the ops
 are verl's, but the fixture may come from a CPU whose vectorised reductions round differently; the
 live test compares bit for bit on one machine; reductions over the vocabulary (entropy, log-probs) at
-1e-5 of their scale, since an AVX2-only CPU rounds them ~2e-6 away from the fixture's AVX-512 values), metrics dicts (keys and values), output dtypes.
+1e-5 of their scale, since an AVX2-only CPU rounds them ~2e-6 away from the fixture's AVX-512 values),
+metrics dicts (keys and values), output dtypes.
 Clip-Cov's random draw is reproduced by seeding the global RNG as the fixture did (torch's
 ``randperm`` stream is assumed unchanged since the fixture's torch version, stored in its meta).
 """
