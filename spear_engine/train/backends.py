@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from spear_engine.train.master_weights import MasterWeights, needs_master_weights
+
 
 class Backend(Protocol):
     module: torch.nn.Module
@@ -72,7 +74,8 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 
 
 class TorchBackend:
-    """One process, torch AdamW, gradient clipping, skip of non-finite steps."""
+    """One process, torch AdamW, gradient clipping, skip of non-finite steps; fp32 master weights for a
+    bf16/fp16 module."""
 
     def __init__(self, module: torch.nn.Module, lr: float, weight_decay: float, grad_clip: float,
                  device: torch.device | str = "cpu") -> None:  # fmt: skip
@@ -80,7 +83,9 @@ class TorchBackend:
         self.module = module.to(self.device)
         self.rank, self.world_size = 0, 1
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = adamw(self.params, lr, weight_decay)
+        # a bf16/fp16 module: the optimizer steps fp32 copies (spear_engine.train.master_weights)
+        self.master = MasterWeights(self.params) if needs_master_weights(self.params) else None
+        self.optimizer = adamw(self.master.masters if self.master else self.params, lr, weight_decay)
         self.grad_clip = grad_clip
 
     def forward(self, *args: Any) -> Any:
@@ -94,15 +99,20 @@ class TorchBackend:
         """One process: nothing to wait for."""
 
     def step(self) -> tuple[float, bool]:
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        stepped = self.master.masters if self.master else self.params
+        norm = float(torch.nn.utils.clip_grad_norm_(stepped, self.grad_clip))
         ok = math.isfinite(norm)
         if ok:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            if self.master:
+                self.master.publish()
+        self.discard_gradients()
         return norm, ok
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master:
+            self.master.zero_grad()
 
     def reset_optimizer_state(self) -> None:
         """Forget the Adam moments (they re-initialise at the next step)."""
@@ -113,11 +123,19 @@ class TorchBackend:
         return _hf_model(self.module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.hf_model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """The model's weights (the fp32 master copies where the module is bf16/fp16) and the optimizer."""
+        model = self.master.full_precision_state(self.hf_model) if self.master else self.hf_model.state_dict()
+        return {"model": model, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.hf_model.load_state_dict(state["model"])
+        self.load_weights(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the model's weights (any dtype; the fp32 master copies too, so the next step starts from them)."""
+        self.hf_model.load_state_dict(weights)
+        if self.master:
+            self.master.load_full_precision(self.hf_model, weights)
 
     def write_extra(self, folder: Path) -> None:
         del folder  # everything is in the checkpoint's state files

@@ -22,6 +22,7 @@ from spear_engine.rollout.weight_sync import iter_named_weights
 from spear_engine.train.backends import Backend, resolve_device
 from spear_engine.train.perf import flop_params
 from spear_engine.train.policy import FusedHeadPolicy
+from spear_engine.train.precision import model_dtype
 
 
 @dataclass
@@ -64,7 +65,7 @@ def build_policies(
     """(the trained policy, a frozen copy when the KL loss or KL-in-reward needs reference log-probs, tokenizer)."""
     from spear_engine.models import load_model
 
-    model, tokenizer = load_model(config.model.path, dtype=config.model.dtype, device=device)
+    model, tokenizer = load_model(config.model.path, dtype=model_dtype(config.model.dtype, device), device=device)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -83,7 +84,7 @@ def build_backend(config: SpearConfig, policy: FusedHeadPolicy, device: torch.de
         from spear_engine.train.backends import DeepSpeedBackend
 
         return DeepSpeedBackend(policy, a.lr, a.weight_decay, a.grad_clip, offload=tc.deepspeed_offload,
-                                bf16=config.model.dtype == "bfloat16")  # fmt: skip
+                                bf16=model_dtype(config.model.dtype, device) == "bfloat16")  # fmt: skip
     from spear_engine.train.backends import TorchBackend
 
     return TorchBackend(policy, a.lr, a.weight_decay, a.grad_clip, device=device)
@@ -110,13 +111,13 @@ def engine_factory(
     own weights and is synced after each update. vLLM: one in-process engine per rank (tensor parallel 1,
     in vLLM's own world of size 1 beside the trainer's group; see ``spear_engine.rollout.vllm``), seeded
     ``trainer.seed + rank`` so the ranks sample differently; on GPU built with sleep mode on."""
-    model = config.model
+    model, dtype = config.model, model_dtype(config.model.dtype, device)
     if engine_name == "vllm":
         from spear_engine.rollout.vllm import VLLMEngine
 
         return lambda: VLLMEngine(
             model.path,
-            dtype=model.dtype,
+            dtype=dtype,
             seed=config.trainer.seed + backend.rank,
             gpu_memory_utilization=config.rollout.gpu_memory_utilization,
             kv_cache_gb=config.rollout.kv_cache_gb,
@@ -127,7 +128,7 @@ def engine_factory(
         return lambda: HFEngine(backend.hf_model, share=True), True
     from spear_engine.models import load_model
 
-    return lambda: HFEngine(load_model(model.path, dtype=model.dtype, device=device)[0], share=True), False
+    return lambda: HFEngine(load_model(model.path, dtype=dtype, device=device)[0], share=True), False
 
 
 def build_agent_loop(config: SpearConfig, engine: RolloutEngine, tokenizer: Any) -> AgentLoop:

@@ -54,8 +54,10 @@ class PolicyLearner:
         """``rows -> (values, stds)`` of this rank's replay policy, for the cross-rank baseline (or None)."""
         self.rank, self.world_size = backend.rank, backend.world_size
         self.fused_loss = config.actor.fused_loss
-        self.bf16_autocast = autocast_bf16(config.actor.autocast, device)
-        """Whether the passes run under bf16 autocast (``actor.autocast``; ``auto``: where bf16 is native)."""
+        fp32_weights = next(policy.parameters()).dtype == torch.float32
+        self.bf16_autocast = fp32_weights and autocast_bf16(config.actor.autocast, device)
+        """Whether the passes run under bf16 autocast (``actor.autocast``; ``auto``: where bf16 is native). Never
+        over weights that are already bf16 (``model.dtype``): there autocast would only add casts."""
 
     def inputs(self, batch: RolloutBatch) -> SequenceBatch:
         return SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,

@@ -13,11 +13,10 @@ bf16 numerics on any machine).
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 
-AutocastSetting = Literal["none", "bf16", "auto"]
+from spear_engine.config import AutocastSetting, ModelDtype
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +50,14 @@ def autocast_bf16(setting: AutocastSetting, device: torch.device) -> bool:
             device.type,
         )
     return True
+
+
+def model_dtype(setting: ModelDtype, device: torch.device) -> str:
+    """The dtype the model's weights load in for ``model.dtype=setting`` on ``device``: ``auto`` is bfloat16
+    where bf16 is native (bf16 weights with fp32 master copies in the optimizer, and a bf16 rollout engine),
+    float32 elsewhere."""
+    if setting == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    if setting not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be one of float32, bfloat16, auto (got {setting!r})")
+    return setting

@@ -96,3 +96,37 @@ def test_learner_passes_run_under_the_resolved_autocast(monkeypatch: pytest.Monk
     log_probs, _ = learner.token_stats(rows)
     assert seen and set(seen) == {expected}
     assert log_probs.dtype == torch.float32 and torch.isfinite(log_probs).all()
+
+
+@pytest.mark.parametrize(("setting", "native", "expected"), [("auto", True, "bfloat16"), ("auto", False, "float32"),
+                                                              ("float32", True, "float32"),
+                                                              ("bfloat16", False, "bfloat16")])  # fmt: skip
+def test_model_dtype_auto_is_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch, setting: str, native: bool,
+                                                    expected: str) -> None:  # fmt: skip
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    assert precision.model_dtype(setting, CPU) == expected
+
+
+def test_model_dtype_rejects_other_values() -> None:
+    with pytest.raises(ValueError, match=r"model\.dtype"):
+        precision.model_dtype("float16", CPU)
+
+
+def test_quickstart_keeps_fp32_weights() -> None:
+    """bf16 weights learn measurably less in the quickstart's SFT warm-up (bench/RESULTS.md, session 13): its
+    weights stay fp32, with bf16 products by autocast where native."""
+    config = load_config("quickstart")
+    assert (config.model.dtype, config.actor.autocast) == ("float32", "auto")
+
+
+def test_no_autocast_over_bf16_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weights (``model.dtype``) run as they are: autocast would only add casts; the fp32 module of the
+    same config does autocast."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    config = load_config("grpo", ["model.path=tiny", "actor.autocast=auto"])
+    for dtype, expected in ((torch.bfloat16, False), (torch.float32, True)):
+        policy = FusedHeadPolicy(load_model("tiny", dtype=dtype)[0], packed=True)
+        learner = PolicyLearner(config, policy, None, TorchBackend(policy, lr=1e-3, weight_decay=0.0, grad_clip=1.0),
+                                None, True, CPU, 0, TokenMeter())  # fmt: skip
+        assert learner.bf16_autocast is expected
+        assert (learner.backend.master is not None) is (dtype == torch.bfloat16)

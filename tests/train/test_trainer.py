@@ -201,10 +201,14 @@ def _comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/", "share/"))}
 
 
-@pytest.mark.parametrize("preset", ["spear", "spear-official"])
-def test_resume_reproduces_the_uninterrupted_run(preset: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("preset", "dtype"), [("spear", "float32"), ("spear-official", "float32"),
+                                               ("spear", "bfloat16")])  # fmt: skip
+def test_resume_reproduces_the_uninterrupted_run(preset: str, dtype: str, tmp_path: Path) -> None:
+    """bfloat16: bf16 weights with fp32 master copies (spear_engine.train.master_weights); the checkpoint
+    holds the copies, so the resumed run continues from the exact fp32 weights."""
     extra = ["trainer.deterministic=true", "trainer.save_freq=2", "replay.trajectory_buffer_size=4",
-             "rollout.name=hf", "trainer.n_gpus_per_node=1", "data.pad_batch_by_duplication=false"]  # fmt: skip
+             "rollout.name=hf", "trainer.n_gpus_per_node=1", "data.pad_batch_by_duplication=false",
+             f"model.dtype={dtype}"]  # fmt: skip
 
     def with_replay(trainer: Trainer) -> Trainer:  # the same replay rows in both runs, on every machine
         admit_winning_rows(trainer.sil, trainer.global_step)
@@ -226,6 +230,7 @@ def test_resume_reproduces_the_uninterrupted_run(preset: str, tmp_path: Path) ->
     for key, value in state_a["backend"]["model"].items():
         torch.testing.assert_close(state_b["backend"]["model"][key], value, rtol=0, atol=0)
     assert state_a["replay"] == state_b["replay"]
+    assert {v.dtype for v in state_a["backend"]["model"].values()} == {torch.float32}  # bf16 runs: the fp32 copies
 
 
 def test_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path, capsys) -> None:
