@@ -17,10 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from spear_engine.config_loading import load_config
-from spear_engine.data import RolloutBatch
 from spear_engine.machine import cpu_model
-from spear_engine.train.policy import SequenceBatch
-from spear_engine.train.sft import demonstrations
+from spear_engine.train.sft import demonstration_rows
 from spear_engine.train.trainer import Trainer
 
 
@@ -36,17 +34,12 @@ def sft_nll(trainer: Trainer, weights: dict[str, torch.Tensor] | None) -> float:
     if weights is not None:
         trainer.backend.load_weights(weights)
     tc, loop = trainer.config.trainer, trainer.agent_loop
-    seeds = [10**9 + tc.seed * 100 * 1000 + i for i in range(tc.sft_episodes)]  # the warm-up's own episodes
-    demos = [d for d in demonstrations(trainer.tokenizer, loop.env_factory, trainer.config.env.name, loop.config,
-                                       seeds) if d.success]  # fmt: skip
-    batch = RolloutBatch.from_episodes(demos, trainer.pad_token_id, layout=loop.config.layout)
-    rows = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
-                                              batch.response_attention_mask)  # fmt: skip
-    mask = batch.policy_mask.float()
+    rows, mask = demonstration_rows(trainer.tokenizer, loop.env_factory, trainer.config.env.name, loop.config,
+                                    tc.sft_episodes, trainer.pad_token_id, trainer.sft_seed)  # fmt: skip
     total = 0.0
     with torch.no_grad():
-        for start in range(0, len(batch), 4):
-            idx = torch.arange(start, min(start + 4, len(batch)))
+        for start in range(0, len(mask), 4):
+            idx = torch.arange(start, min(start + 4, len(mask)))
             logp, _ = trainer.backend.forward(rows.select(idx))
             total += float(-(logp * mask[idx]).sum())
     return total / float(mask.sum())

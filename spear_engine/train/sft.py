@@ -51,6 +51,31 @@ def demonstrations(
     return episodes
 
 
+def demonstration_rows(
+    tokenizer: Any,
+    env_factory: Callable[[], Env],
+    env_name: str,
+    loop_config: AgentLoopConfig,
+    episodes: int,
+    pad_token_id: int = 0,
+    seed: int = 0,
+) -> tuple[SequenceBatch, torch.Tensor]:
+    """(rows, policy-token mask [rows, response width] as float) of the winning ones of ``episodes`` gold
+    episodes: what the SFT warm-up trains on for this ``seed``."""
+    seeds = [10**9 + seed * 1000 + i for i in range(episodes)]
+    demos = [d for d in demonstrations(tokenizer, env_factory, env_name, loop_config, seeds) if d.success]
+    if not demos:
+        raise ConfigError(
+            f"environment '{env_name}' produced no winning gold episode for the SFT warm-up ({episodes} tried): "
+            f"its gold paths do not finish within env.max_steps, or it has none. Raise env.max_steps, or set "
+            f"trainer.sft_warmup_steps=0 to train without the warm-up."
+        )
+    batch = RolloutBatch.from_episodes(demos, pad_token_id, layout=loop_config.layout)
+    sequences = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
+                                                   batch.response_attention_mask)  # fmt: skip
+    return sequences, batch.policy_mask.float()
+
+
 def sft_warmup(
     backend: Any,
     tokenizer: Any,
@@ -67,19 +92,8 @@ def sft_warmup(
 ) -> dict[str, float]:
     """Fine-tune on the winning ones of ``episodes`` gold episodes for ``steps`` optimizer steps; returns the
     last metrics. ``loop_config`` is the RL agent loop's (layout, history, prompt budget, turns)."""
-    seeds = [10**9 + seed * 1000 + i for i in range(episodes)]
-    demos = [d for d in demonstrations(tokenizer, env_factory, env_name, loop_config, seeds) if d.success]
-    if not demos:
-        raise ConfigError(
-            f"environment '{env_name}' produced no winning gold episode for the SFT warm-up ({episodes} tried): "
-            f"its gold paths do not finish within env.max_steps, or it has none. Raise env.max_steps, or set "
-            f"trainer.sft_warmup_steps=0 to train without the warm-up."
-        )
-    batch = RolloutBatch.from_episodes(demos, pad_token_id, layout=loop_config.layout)
-    sequences = SequenceBatch.from_prompt_response(batch.prompts, batch.prompt_mask, batch.responses,
-                                                   batch.response_attention_mask)  # fmt: skip
-    mask = batch.policy_mask.float()
-    order = list(range(len(batch)))
+    sequences, mask = demonstration_rows(tokenizer, env_factory, env_name, loop_config, episodes, pad_token_id, seed)
+    order = list(range(len(mask)))
     rng = random.Random(seed)
     metrics: dict[str, float] = {}
     for step in range(1, steps + 1):
@@ -95,7 +109,7 @@ def sft_warmup(
             backend.backward(loss, boundary=start + micro_batch >= len(rows))
             losses.append(float(loss.detach()))
         norm, _ = backend.step()
-        metrics = {"sft/nll": float(np.sum(losses)), "sft/grad_norm": norm, "sft/rows": float(len(batch))}
+        metrics = {"sft/nll": float(np.sum(losses)), "sft/grad_norm": norm, "sft/rows": float(len(mask))}
         if log is not None:
             log(step, metrics)
     return metrics

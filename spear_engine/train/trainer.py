@@ -281,7 +281,7 @@ class Trainer:
         metrics = sft_warmup(
             self.backend, self.tokenizer, self.agent_loop.env_factory, cfg.env.name, self.agent_loop.config,
             tc.sft_warmup_steps, tc.sft_episodes, tc.sft_rows_per_step, cfg.actor.ppo_micro_batch_size_per_gpu,
-            pad_token_id=self.pad_token_id, seed=tc.seed * 100 + self.rank, log=self._sft_status,
+            pad_token_id=self.pad_token_id, seed=self.sft_seed, log=self._sft_status,
         )  # fmt: skip
         for g, lr in zip(groups, rl_lrs):
             g["lr"] = lr
@@ -291,6 +291,11 @@ class Trainer:
         if self.logger is not None:
             self.logger.log(0, metrics)
         return metrics
+
+    @property
+    def sft_seed(self) -> int:
+        """Seed of this rank's SFT warm-up (its gold episodes and row order)."""
+        return self.config.trainer.seed * 100 + self.rank
 
     def _sft_status(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None:

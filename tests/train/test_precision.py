@@ -114,9 +114,8 @@ def test_model_dtype_rejects_other_values() -> None:
 
 def test_quickstart_keeps_fp32_weights() -> None:
     """bf16 weights learn measurably less in the quickstart's SFT warm-up (bench/RESULTS.md, session 13): its
-    weights stay fp32, with bf16 products by autocast where native."""
-    config = load_config("quickstart")
-    assert (config.model.dtype, config.actor.autocast) == ("float32", "auto")
+    weights stay fp32 (its bf16 products come from autocast: the test above)."""
+    assert load_config("quickstart").model.dtype == "float32"
 
 
 def test_no_autocast_over_bf16_weights(monkeypatch: pytest.MonkeyPatch) -> None:
