@@ -105,6 +105,15 @@ def _max_positions_of(model_dir: str) -> int:
     return int(config.get("max_position_embeddings") or 8192)
 
 
+def compile_on_cpu() -> None:
+    """Settings for a compiled (``enforce_eager=False``) engine on CPU, where vLLM compiles the model with
+    inductor once per process: 60-90 s on 2 cores, after which a decode step of SmolLM2-135M (8 sequences,
+    bf16) takes ~0.65x the eager time (bench/RESULTS.md). vLLM 0.32's AOT compile cache fails to load on
+    CPU ("'function' object has no attribute 'finalize_loading'") and recompiles every time; with it off
+    (unless the user set ``VLLM_USE_AOT_COMPILE``) inductor's own cache serves a second process (~30 s)."""
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
+
 # ---------------------------------------------------------------------------------------------
 # functions run on the worker through collective_rpc (module level, so they are importable)
 
@@ -161,7 +170,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         kv_cache_gb: float | None = None,
         eos_token_ids: Iterable[int] | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         gpu_memory_utilization: float | None = None,
         **llm_kwargs: Any,
     ) -> None:
@@ -170,7 +179,9 @@ class VLLMEngine:
         vLLM's own sizing on GPU. ``gpu_memory_utilization`` (``rollout.gpu_memory_utilization``): the share
         of GPU memory vLLM may take for weights, activations and KV cache (None = vLLM's default); an
         explicit KV-cache size (``kv_cache_gb``, the CPU default) takes precedence in vLLM's sizing.
-        Extra keyword arguments go to ``vllm.LLM``."""
+        ``enforce_eager`` (``rollout.enforce_eager``): run the model eagerly; False compiles it (CUDA graphs
+        on GPU; on CPU one inductor compile per process, see :func:`compile_on_cpu`); None: eager on CPU,
+        compiled on GPU. Extra keyword arguments go to ``vllm.LLM``."""
         from spear_engine.models import model_dir
 
         vllm = import_vllm()
@@ -179,6 +190,10 @@ class VLLMEngine:
             list(eos_token_ids) if eos_token_ids is not None else _eos_ids_of(self.model_path)
         )
         on_cpu = not torch.cuda.is_available()
+        if enforce_eager is None:
+            enforce_eager = on_cpu
+        if on_cpu and not enforce_eager:
+            compile_on_cpu()
         if kv_cache_gb is None and on_cpu:
             kv_cache_gb = 1.0
         if on_cpu and "enable_chunked_prefill" not in llm_kwargs:

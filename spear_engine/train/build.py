@@ -121,6 +121,7 @@ def engine_factory(
             seed=config.trainer.seed + backend.rank,
             gpu_memory_utilization=config.rollout.gpu_memory_utilization,
             kv_cache_gb=config.rollout.kv_cache_gb,
+            enforce_eager=config.rollout.enforce_eager,
         ), False
     from spear_engine.rollout.hf import HFEngine
 

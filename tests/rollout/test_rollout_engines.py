@@ -264,10 +264,13 @@ def test_weight_sync_into_hf_own_copy(tiny_path, tiny_trainer):
     assert engine.model is not tiny_trainer
 
 
-def test_weight_sync_into_vllm(vllm_available, tiny_path, tiny_trainer):
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_weight_sync_into_vllm(vllm_available, tiny_path, tiny_trainer, enforce_eager):
+    """A synced update reaches the generations, eager and compiled (on CPU the compiled graph calls the
+    packed oneDNN weights that a reload re-packs: a stale handle would sample from the old weights)."""
     from spear_engine.rollout.vllm import VLLMEngine
 
-    engine = VLLMEngine(tiny_path, kv_cache_gb=0.1)
+    engine = VLLMEngine(tiny_path, kv_cache_gb=0.1, enforce_eager=enforce_eager)
     try:
         perturb_(tiny_trainer)
         before, after = check_sync(engine, tiny_trainer, bucket_mb=0.5)

@@ -128,3 +128,24 @@ def test_sleep_mode_calls_around_a_weight_sync(recording_vllm, tiny_path: str) -
     assert engine.llm.log == [("sleep", 2), ("wake_up", ["kv_cache"]), ("wake_up", ["weights"])]
     with pytest.raises(ValueError, match="sleep level"):
         engine.sleep(level=3)
+
+
+def test_the_trainer_passes_enforce_eager_and_a_compile_on_cpu_keeps_a_working_cache(
+    recording_vllm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    config = load_config("spear", ["model.path=tiny"])
+    assert config.rollout.enforce_eager is None
+    engine_factory(config, "vllm", RANK_ZERO, torch.device("cpu"))[0]()
+    assert recording_vllm[-1]["enforce_eager"] is True  # null: eager on CPU
+    assert "VLLM_USE_AOT_COMPILE" not in vllm_module.os.environ
+    config = load_config("spear", ["model.path=tiny", "rollout.enforce_eager=false"])
+    engine_factory(config, "vllm", RANK_ZERO, torch.device("cpu"))[0]()
+    assert recording_vllm[-1]["enforce_eager"] is False
+    assert vllm_module.os.environ["VLLM_USE_AOT_COMPILE"] == "0"  # vLLM 0.32's AOT cache fails to load on CPU
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")  # the user's own choice is kept
+    engine_factory(config, "vllm", RANK_ZERO, torch.device("cpu"))[0]()
+    assert vllm_module.os.environ["VLLM_USE_AOT_COMPILE"] == "1"
+    monkeypatch.setattr(vllm_module.torch.cuda, "is_available", lambda: True)
+    vllm_module.VLLMEngine(config.model.path)  # on GPU, null compiles (CUDA graphs)
+    assert recording_vllm[-1]["enforce_eager"] is False

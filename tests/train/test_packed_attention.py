@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spear_engine.train import packed_attention
 from spear_engine.train.packed_attention import eager_causal_attention
 
 
@@ -94,3 +95,26 @@ def test_eager_attention_keeps_the_prefix_causal() -> None:
     assert torch.equal(moved_later[0, :, 0], base[0, :, 0])
     assert not torch.equal(moved_later[0, :, 1], base[0, :, 1])
     assert (moved_earlier != base).any(dim=-1).all()
+
+
+def test_the_cached_causal_bias_is_right_and_its_cache_stays_under_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bias every layer reuses: 0 where query i (the last Lq of Lk positions, ``groups`` query heads side by
+    side) sees key j <= Lk - Lq + i, -inf elsewhere; the cache drops the least recently used past its byte bound
+    and never keeps a bias larger than the bound, and an evicted shape is rebuilt right."""
+    monkeypatch.setattr(packed_attention, "_BIAS_CACHE", packed_attention.OrderedDict())
+    monkeypatch.setattr(packed_attention, "_BIAS_CACHE_BYTES", 3 * 20 * 30 * 4 * 2)  # two [60, 30] fp32 biases
+    cpu = torch.device("cpu")
+
+    def expected(lq: int, lk: int, groups: int) -> torch.Tensor:
+        seen = torch.arange(lk)[None, :] <= (lk - lq + torch.arange(lq))[:, None]
+        one = torch.where(seen, 0.0, float("-inf"))
+        return torch.cat([one] * groups)
+
+    shapes = [(20, 30, 3), (7, 30, 3), (20, 20, 3), (20, 30, 3), (1, 5, 9)]
+    for lq, lk, groups in shapes:
+        assert torch.equal(packed_attention._causal_bias(lq, lk, groups, cpu), expected(lq, lk, groups))
+        held = sum(b.numel() * b.element_size() for b in packed_attention._BIAS_CACHE.values())
+        assert held <= packed_attention._BIAS_CACHE_BYTES
+    assert packed_attention._causal_bias(20, 30, 3, cpu) is packed_attention._causal_bias(20, 30, 3, cpu)
+    big = packed_attention._causal_bias(100, 100, 3, cpu)  # over the bound: built, not kept
+    assert torch.equal(big, expected(100, 100, 3)) and (100, 100, 3, cpu) not in packed_attention._BIAS_CACHE
