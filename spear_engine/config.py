@@ -318,9 +318,9 @@ class RolloutConfig(Section):
     sequences: 128 parallel evaluation episodes of ~400 tokens with an fp32 135M model need ~2.3 GiB."""
     enforce_eager: bool | None = None
     """``rollout.name=vllm``: run the model eagerly (true) or compiled (false: CUDA graphs on GPU, an inductor
-    compile on CPU). null: compiled on GPU, eager on CPU, where the compile takes 60-90 s once per process
-    (~30 s when inductor's cache has it) and then makes generation ~1.5x faster: set false for CPU runs
-    of more than ~20 steps (bench/RESULTS.md)."""
+    compile on CPU). null: compiled on GPU, eager on CPU, where the compile takes 55-90 s once per process
+    (~30 s when inductor's cache has it) and then decodes 1.46x, prefills 1.12x faster (SmolLM2-135M, bf16):
+    worth it only in long CPU runs (bench/RESULTS.md)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """``rollout.name=vllm``: passed to ``vllm.LLM`` - the share of GPU memory vLLM may take (weights,
     activations, KV cache). On CPU the engine sizes the KV cache explicitly (1 GiB), which vLLM puts first.

@@ -107,8 +107,8 @@ def _max_positions_of(model_dir: str) -> int:
 
 def compile_on_cpu() -> None:
     """Settings for a compiled (``enforce_eager=False``) engine on CPU, where vLLM compiles the model with
-    inductor once per process: 60-90 s on 2 cores, after which a decode step of SmolLM2-135M (8 sequences,
-    bf16) takes ~0.65x the eager time (bench/RESULTS.md). vLLM 0.32's AOT compile cache fails to load on
+    inductor once per process: 55-90 s on 2 cores, after which a decode step of SmolLM2-135M (8 sequences,
+    bf16) takes 0.68x the eager time (bench/bench_vllm_compile.py). vLLM 0.32's AOT compile cache fails to load on
     CPU ("'function' object has no attribute 'finalize_loading'") and recompiles every time; with it off
     (unless the user set ``VLLM_USE_AOT_COMPILE``) inductor's own cache serves a second process (~30 s)."""
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")

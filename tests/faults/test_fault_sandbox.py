@@ -161,7 +161,9 @@ def _children() -> set[int]:
 
 
 @pytest.mark.parametrize("name", list(ESCAPES))
-def test_escape_is_contained_reported_and_the_run_goes_on(name: str, math_envs, canary, tmp_path: Path) -> None:
+def test_escape_is_contained_reported_and_the_run_goes_on(
+    name: str, math_envs, canary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     math_env = math_envs[TOOL_TIMEOUT_S if name in ENDS_AT_THE_DEADLINE else GENEROUS_TIMEOUT_S]
     host = tmp_path / "host"
     host.mkdir()
@@ -184,5 +186,8 @@ def test_escape_is_contained_reported_and_the_run_goes_on(name: str, math_envs, 
         time.sleep(0.05)
     assert not _children() - children_before, "the sandbox left a process behind"
     assert not processes_running(CHILD_PROGRAM) - sandboxes_before, "a sandboxed process outlived its call (setsid?)"
-    after = math_env.step(Action("python", "print(6 * 7)"))  # the episode goes on, the tool still works
+    # The episode goes on and the tool still works, in the same env, given the generous deadline: on a loaded
+    # machine the start of the next sandbox right after a thread bomb has taken more than 4 s (CI, stop 26).
+    monkeypatch.setattr(math_env, "tool_timeout_s", GENEROUS_TIMEOUT_S)
+    after = math_env.step(Action("python", "print(6 * 7)"))
     assert after.observation.text.strip() == "42" and not after.done

@@ -41,16 +41,22 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_zero3_warmup_train_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Three steps straight (a ZeRO-3 checkpoint after each), then a copy of that run cut back to its step-2
+    checkpoint (the step-3 checkpoint removed, as if the run had stopped there) resumed to step 3: two launches
+    instead of three, the resumed launch loads the same files an interrupted run leaves."""
     port = 29500 + os.getpid() % 400
-    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    interrupted.mkdir()
+    straight, resumed_run = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir()
-    _train(interrupted, 2, port)
-    checkpoint = interrupted / "run" / "checkpoints" / "step_00000002"
-    assert {p.name for p in checkpoint.iterdir()} >= {"manifest.json", "state_rank0.pt", "state_rank1.pt", "zero"}
-    _train(interrupted, 3, port + 1)  # resumes from step 2's ZeRO-3 checkpoint
-    _train(straight, 3, port + 2)
-    resumed, reference = _records(interrupted), _records(straight)
+    resumed_run.mkdir()
+    _train(straight, 3, port)
+    shutil.copytree(straight / "run", resumed_run / "run")
+    checkpoints = resumed_run / "run" / "checkpoints"
+    assert {p.name for p in (checkpoints / "step_00000002").iterdir()} >= {
+        "manifest.json", "state_rank0.pt", "state_rank1.pt", "zero"
+    }  # fmt: skip
+    shutil.rmtree(checkpoints / "step_00000003")
+    _train(resumed_run, 3, port + 1)  # resumes from step 2's ZeRO-3 checkpoint, the newest left
+    resumed, reference = _records(resumed_run), _records(straight)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # the warm-up (step 0) ran once, every step logged once
     assert resumed[0]["sft/nll"] > 0
     assert resumed == reference  # same losses, grad norms, entropies, replay counters at every step
