@@ -150,9 +150,9 @@ _BIAS_CACHE_BYTES = 256 * 2**20
 
 def _causal_bias(lq: int, lk: int, groups: int, device: torch.device) -> torch.Tensor:
     """[groups * Lq, Lk] fp32: 0 where a query (of ``groups`` query heads side by side) may see a key, -inf
-    elsewhere. Kept in a small cache (least recently used out past 256 MiB): every layer of a forward, and its
-    backward, attends each row with the same shape, and building the bias each time was ~2 % of a quickstart
-    update (AMD EPYC Zen 4)."""
+    elsewhere. Kept in a small cache (least recently used out past 256 MiB): every layer of a forward (and of
+    its recompute under gradient checkpointing) attends each row with the same shape, and building the bias
+    each time was ~2 % of a quickstart update (AMD EPYC Zen 4)."""
     key = (lq, lk, groups, device)
     bias = _BIAS_CACHE.get(key)
     if bias is not None:
