@@ -65,11 +65,13 @@ def main() -> None:
     print(f"{cpu_model()}, {torch.get_num_threads()} threads; {args.model} in {args.dtype}; {PROMPTS} prompts "
           f"of {SHARED} shared + {OWN} own tokens; medians of {args.rounds} rounds")  # fmt: skip
     print(f"{'':34}{'eager':>10}{'compiled':>10}{'ratio':>8}")
-    rows = [("start-up s (once per process)", startup["eager"], startup["compiled"])]
-    for label, values in ((f"prefill of {PROMPTS} prompts s", prefill), (f"decode of {NEW_TOKENS} x {PROMPTS} tokens s",
-                                                                       decode)):  # fmt: skip
-        rows.append((label, statistics.median(values["eager"][1:]), statistics.median(values["compiled"][1:])))
-    for label, eager_s, compiled_s in rows:
+    rows = {
+        "start-up s (once per process)": startup,
+        f"prefill of {PROMPTS} prompts s": {name: statistics.median(t[1:]) for name, t in prefill.items()},
+        f"decode of {NEW_TOKENS} x {PROMPTS} tokens s": {name: statistics.median(t[1:]) for name, t in decode.items()},
+    }
+    for label, seconds in rows.items():
+        eager_s, compiled_s = seconds["eager"], seconds["compiled"]
         print(f"{label:34}{eager_s:10.3f}{compiled_s:10.3f}{eager_s / compiled_s:7.2f}x")
 
 

@@ -41,9 +41,9 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_zero3_warmup_train_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
-    """Three steps straight (a ZeRO-3 checkpoint after each), then a copy of that run cut back to its step-2
-    checkpoint (the step-3 checkpoint removed, as if the run had stopped there) resumed to step 3: two launches
-    instead of three, the resumed launch loads the same files an interrupted run leaves."""
+    """Three steps straight (a ZeRO-3 checkpoint after each), then a copy of that run cut back to step 2 (its
+    step-3 checkpoint and metrics record removed: the files a run stopped after step 2 leaves) resumed to step 3.
+    Two launches instead of three; a resume that ran nothing would leave steps [0, 1, 2] and fail."""
     port = 29500 + os.getpid() % 400
     straight, resumed_run = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir()
@@ -55,6 +55,9 @@ def test_zero3_warmup_train_and_resume_match_an_uninterrupted_run(tmp_path: Path
         "manifest.json", "state_rank0.pt", "state_rank1.pt", "zero"
     }  # fmt: skip
     shutil.rmtree(checkpoints / "step_00000003")
+    metrics = resumed_run / "run" / "metrics.jsonl"  # and its step-3 record: what a run stopped at step 2 leaves
+    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2]
+    metrics.write_text("".join(line + "\n" for line in kept))
     _train(resumed_run, 3, port + 1)  # resumes from step 2's ZeRO-3 checkpoint, the newest left
     resumed, reference = _records(resumed_run), _records(straight)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # the warm-up (step 0) ran once, every step logged once
